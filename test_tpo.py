@@ -363,6 +363,293 @@ def test_mnist_tpo_single_action_update_matches_closed_form():
 
 
 # ---------------------------------------------------------------------------
+# token_tasks.py
+# ---------------------------------------------------------------------------
+# Placed before the llm_rlvr section: importing vLLM changes torch's thread
+# settings for the rest of the session.
+
+import torch.nn.functional as F  # noqa: E402
+
+import token_tasks as tt  # noqa: E402
+
+TOKEN_TINY = ["--H", "3", "--V", "2", "--K", "4", "--B", "6", "--seeds", "2", "--episodes", "3", "--epochs", "2"]
+
+
+def token_args(*extra):
+    return tt.parser.parse_args(TOKEN_TINY + list(extra))
+
+
+# ---------------------------------------------------------------------------
+# token_tasks.py: targets, rewards, candidate scores on hand-made cases
+# ---------------------------------------------------------------------------
+
+def test_targets_hand_cases():
+    x = torch.tensor([[0, 1, 2, 2]])
+    assert tt.TARGETS["copy"](x, 3).tolist() == [[0, 1, 2, 2]]
+    assert tt.TARGETS["flip"](x, 3).tolist() == [[2, 1, 0, 0]]
+    assert tt.TARGETS["reverse_copy"](x, 3).tolist() == [[2, 2, 1, 0]]
+    assert tt.TARGETS["reverse_flip"](x, 3).tolist() == [[0, 0, 1, 2]]
+
+
+def test_rewards_hand_cases():
+    correct = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    assert tt.REWARDS["bag_of_tokens"](correct).tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
+    assert tt.REWARDS["sequential"](correct).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_terminal_reward_is_all_or_nothing():
+    correct = torch.tensor([[True, True, False, True], [True, True, True, True], [False] * 4])
+    assert tt.REWARDS["terminal"](correct).tolist() == [[0] * 4, [1] * 4, [0] * 4]
+
+
+def test_sequential_reward_after_first_mistake_scores_every_candidate_zero():
+    # behaviour answer right, right, wrong, right; K = 3 candidates per state, the first two right
+    correct = torch.tensor([[[True, True, False, True]]])
+    cand_correct = torch.tensor([True, True, False]).expand(1, 1, 4, 3)
+    r = tt.candidate_rewards("sequential", correct, cand_correct)
+    assert r[0, 0].tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0]]
+    # the state at the first mistake still scores its candidates: the prefix before it is right
+    r_bag = tt.candidate_rewards("bag_of_tokens", correct, cand_correct)
+    assert r_bag[0, 0].tolist() == [[1, 1, 0]] * 4
+    with pytest.raises(ValueError):
+        tt.candidate_rewards("terminal", correct, cand_correct)
+
+
+def test_token_rollout_scores_each_candidate_by_its_own_token():
+    args = token_args("--reward", "bag_of_tokens", "--target", "copy")
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    b = tt.rollout(tt.init_params(args, gens), "token", args, gens, args.B)
+    assert b.cand.shape == (2, args.B, args.H, args.K) and b.y.shape == (2, args.B, args.H)
+    assert torch.equal(b.cand_r, (b.cand == b.x[..., None]).float())  # copy: the right token is the prompt's
+    assert torch.equal(b.r, (b.y == b.x).float())
+
+
+def test_group_rollout_scores_are_exact_match_for_terminal_reward():
+    args = token_args("--reward", "terminal", "--target", "reverse_copy")
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    b = tt.rollout(tt.init_params(args, gens), "group", args, gens, args.B)
+    assert b.y.shape == (2, args.B * args.K, args.H) and b.scores.shape == (2, args.B, args.K)
+    exact = (tt.grouped(b.y, args.K) == b.x.flip(-1)[:, :, None]).all(-1).float()
+    assert torch.equal(b.scores, exact)
+
+
+# ---------------------------------------------------------------------------
+# token_tasks.py: cached rollout and packed teacher forcing agree with a plain transformer
+# ---------------------------------------------------------------------------
+
+def reference_logits(P, s, tokens):
+    """A plain causal transformer for seed s written without batching tricks; tokens [n, L] -> [n, L, V]."""
+    n, L = tokens.shape
+    d = P["tok_emb"].shape[-1]
+    nh = P["0.bqkv"].shape[-2]
+    ln = lambda h, name: F.layer_norm(h, (d,), P[name + "_g"][s, 0], P[name + "_b"][s, 0], eps=1e-6)
+    h = P["tok_emb"][s][tokens] + P["pos_emb"][s][:L]
+    for l in range(tt.n_layers(P)):
+        qkv = ln(h, f"{l}.ln1") @ P[f"{l}.wqkv"][s] + P[f"{l}.bqkv"][s].flatten()
+        q, k, v = qkv.view(n, L, 3, nh, d // nh).unbind(2)
+        att = torch.einsum("nihd,njhd->nhij", q, k) / math.sqrt(d // nh)
+        att = att.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        h = h + torch.einsum("nhij,njhd->nihd", att, v).reshape(n, L, d) @ P[f"{l}.wo"][s] + P[f"{l}.bo"][s, 0]
+        h = h + torch.relu(ln(h, f"{l}.ln2") @ P[f"{l}.w1"][s] + P[f"{l}.b1"][s, 0]) @ P[f"{l}.w2"][s] + P[f"{l}.b2"][s, 0]
+    return ln(h, "lnf") @ P["w_out"][s] + P["b_out"][s, 0]
+
+
+@pytest.mark.parametrize("n_answers", [1, 3])
+def test_cached_rollout_and_packed_forward_match_a_plain_transformer(n_answers):
+    args = tt.parser.parse_args(["--H", "4", "--V", "3"])
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    P = {k: v.detach() for k, v in tt.init_params(args, gens).items()}
+    for p in P.values():  # non-trivial biases and norms, so a misplaced one shows
+        p.add_(0.1 * torch.randn(p.shape, generator=gens[0]))
+    x = tt.per_seed(gens, lambda g: torch.randint(3, (5, 4), generator=g))
+    y, cand, lp_rollout = tt.sample(P, x, gens, n_answers=n_answers, n_candidates=2)
+    lp_packed = tt.answer_logprobs(P, x, y)
+    assert lp_packed.shape == (2, 5 * n_answers, 4, 3)
+    for s in range(2):
+        seq = torch.cat([x[s].repeat_interleave(n_answers, 0), y[s]], -1)[:, :-1]
+        ref = reference_logits(P, s, seq)[:, 3:].log_softmax(-1)  # positions H-1 .. 2H-2 predict the answer
+        torch.testing.assert_close(lp_packed[s], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lp_rollout[s], ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# token_tasks.py: batched Muon
+# ---------------------------------------------------------------------------
+
+def test_muon_gets_the_authors_tensors_and_adam_the_rest():
+    P = tt.init_params(token_args(), [torch.Generator().manual_seed(0)])
+    muon = sorted(k for k in P if k.split(".")[-1] in tt.MUON)
+    assert muon == sorted(["tok_emb", "pos_emb", "w_out", "0.bqkv", "1.bqkv", "0.w1", "1.w1", "0.w2", "1.w2"])
+    assert P["0.bqkv"].shape[1:] == (3, 2, 32)  # q, k, v biases: one [heads, head_dim] matrix each, as in Flax
+
+
+def ns_float32(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's Newton-Schulz iteration without its cast to bfloat16."""
+    a, b, c = ns_coefficients
+    X = grad.T if grad.size(0) > grad.size(1) else grad
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return X.T if grad.size(0) > grad.size(1) else X
+
+
+@pytest.mark.parametrize("newton_schulz_in", ["bfloat16", "float32"])
+def test_batched_muon_matches_torch_muon_for_one_seed(newton_schulz_in, monkeypatch):
+    # torch.optim.Muon stores weights [fan_out, fan_in], ours [fan_in, fan_out] as Flax does: compare on the
+    # transpose. torch orthogonalises in bfloat16, we in float32 (as optax): with torch's own iteration the
+    # two agree to bfloat16 precision; with it run in float32, to float32 precision.
+    if newton_schulz_in == "float32":
+        monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", ns_float32)
+    tol = 0.05 if newton_schulz_in == "bfloat16" else 1e-5
+    g = torch.Generator().manual_seed(0)
+    for fan_in, fan_out in [(64, 256), (256, 64), (2, 64)]:
+        W = torch.randn(1, fan_in, fan_out, generator=g)
+        ours = W.clone().requires_grad_(True)
+        ref = W[0].T.clone().requires_grad_(True)
+        opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+        momenta = [torch.zeros_like(ours)]
+        for _ in range(3):
+            grad = torch.randn(fan_in, fan_out, generator=g)
+            ours.grad, ref.grad = grad[None].clone(), grad.T.clone()
+            tt.muon_step([ours], momenta, lr=0.02)
+            opt.step()
+        moved = (ours - W).detach()[0]
+        err = (moved - (ref - W[0].T).detach().T).norm() / moved.norm()
+        assert err < tol, (fan_in, fan_out, float(err))
+
+
+def test_batched_muon_is_exact_per_seed_float32_reference():
+    """Each seed's matrix gets the textbook update: EMA momentum, Nesterov, 5 Newton-Schulz steps."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(3, 2, 8, 4, generator=g)  # 3 seeds, a stack of 2 matrices each (like the q/k/v biases)
+    p = W.clone().requires_grad_(True)
+    momenta = [torch.zeros_like(p)]
+    ref, ref_m = W.clone(), torch.zeros_like(W)
+    a, b, c = 3.4445, -4.775, 2.0315
+    for _ in range(2):
+        grad = torch.randn(W.shape, generator=g)
+        p.grad = grad.clone()
+        tt.muon_step([p], momenta, lr=0.1)
+        ref_m = 0.95 * ref_m + 0.05 * grad
+        for s in range(3):
+            for j in range(2):
+                X = (0.05 * grad[s, j] + 0.95 * ref_m[s, j]).T  # Nesterov; wide orientation [4, 8]
+                X = X / X.norm()
+                for _ in range(5):
+                    A = X @ X.T
+                    X = a * X + (b * A + c * A @ A) @ X
+                ref[s, j] -= 0.1 * math.sqrt(max(1, 4 / 8)) * X.T
+    torch.testing.assert_close(p.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# token_tasks.py: runs
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reward,methods", [
+    ("bag_of_tokens", "tpo_token,grpo_token,ppo,dg,pg,tpo,grpo"),
+    ("sequential", "tpo_token,grpo_token,ppo,dg,pg"),
+    ("terminal", "tpo,tpo_no_anchor,grpo,grpo_no_kl,grpo_masked,group_pg,ppo,dg,pg"),
+])
+def test_every_method_runs_a_few_episodes(tmp_path, reward, methods):
+    out = tmp_path / "r.json"
+    results = tt.main(TOKEN_TINY + ["--reward", reward, "--methods", methods, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert (tmp_path / "r.png").exists()
+    assert list(saved["methods"]) == methods.split(",") == list(results)
+    for m, r in saved["methods"].items():
+        assert len(r["error_mean"]) == len(r["grad_norm_mean"]) == 3
+        assert all(0 <= e <= 1 for e in r["error_mean"]) and all(math.isfinite(g) for g in r["grad_norm_mean"])
+        assert 0 <= r["final_error"] <= 1 and (r["steps_to_1pct"] is None or r["steps_to_1pct"] >= 0)
+        grouped = tt.METHODS[m][1] != "single"
+        assert (r["all_fail_fraction_mean"] is not None) == grouped
+        assert (r["target_mass_success_mean"] is not None) == m.startswith("tpo")
+
+
+def test_interaction_matching_gives_single_sample_methods_BK_prompts_and_scaled_lr(monkeypatch):
+    seen = []
+    real = tt.rollout
+    monkeypatch.setattr(tt, "rollout", lambda P, kind, args, gens, n: seen.append((kind, n)) or real(P, kind, args, gens, n))
+    args = token_args("--reward", "terminal", "--matching", "interaction", "--episodes", "1")
+    for m in ("ppo", "tpo"):
+        tt.train(m, args, range(1))
+    assert seen == [("single", args.B * args.K), ("group", args.B)]
+
+
+def test_tpo_terminal_reward_error_falls_at_H3(tmp_path):
+    r = tt.main(["--reward", "terminal", "--H", "3", "--V", "2", "--K", "8", "--B", "32", "--seeds", "2",
+                 "--episodes", "40", "--methods", "tpo", "--out", str(tmp_path / "r.json")])["tpo"]
+    err = r["error_mean"]
+    assert sum(err[:5]) / 5 > 0.6  # a random policy answers 1 in 8 prompts right
+    assert sum(err[-5:]) / 5 < 0.5 * sum(err[:5]) / 5, err
+
+
+@pytest.mark.parametrize("method,reward", [("tpo", "terminal"), ("tpo_token", "sequential"), ("ppo", "bag_of_tokens")])
+def test_batched_seeds_give_the_same_result_as_separate_runs(method, reward):
+    args = token_args("--reward", reward)
+    batched = tt.train(method, args, [0, 1, 2])
+    for i, seed in enumerate([0, 1, 2]):
+        alone = tt.train(method, args, [seed])
+        for key in ("error", "grad_norm", "all_fail", "target_mass"):
+            if batched[key] is not None:
+                torch.testing.assert_close(batched[key][i], alone[key][0], atol=1e-5, rtol=1e-4)
+
+
+def test_summary_final_error_is_last_5_percent_and_steps_to_1pct_is_first_hit():
+    err = torch.tensor([[0.5] * 30 + [0.02] * 50 + [0.004] * 20, [0.5] * 30 + [0.0] * 70])
+    log = {"error": err, "grad_norm": torch.ones(2, 100), "all_fail": None, "target_mass": None}
+    r = tt.summarise(log, tt.parser.parse_args(["--episodes", "100"]), 0.0)
+    assert r["final_error"] == pytest.approx(0.002)  # last 5 episodes, mean over seeds
+    assert r["steps_to_1pct"] == 30  # the seed-mean error first reaches (0.02 + 0) / 2 = 0.01 at episode 30
+    assert r["final_error_se"] == pytest.approx(0.002)  # sample std over seeds / sqrt(seeds)
+
+
+def test_first_epoch_tpo_gradient_vanishes_when_every_group_scores_alike():
+    args = token_args("--reward", "terminal")
+    gens = [torch.Generator().manual_seed(0)]
+    P = tt.init_params(args, gens)
+    b = tt.rollout(P, "group", args, gens, args.B)
+    b.scores = torch.zeros_like(b.scores)  # all-fail groups: q = p_old, so p - q = 0 on the snapshot
+    lp = tt.answer_logprobs(P, b.x, b.y)
+    b.lp_old = lp.detach()
+    grads = torch.autograd.grad(tt.tpo_seq(lp, b, args), list(P.values()), allow_unused=True)
+    assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-6
+
+
+# ---------------------------------------------------------------------------
+# token_tasks.py: refusals in one sentence, before the first step
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,words", [
+    (["--reward", "terminal", "--methods", "tpo_token"], "terminal reward"),
+    (["--reward", "sequential", "--matching", "interaction"], "--matching interaction"),
+    (["--methods", "tpo,nope"], "unknown method"),
+    (["--H", "1"], "--H"),
+    (["--K", "1"], "--K"),
+])
+def test_bad_arguments_are_refused_in_one_sentence(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        tt.main(argv + ["--episodes", "1", "--seeds", "1"])
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+
+
+def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    first = tt.main(TOKEN_TINY + ["--reward", "terminal", "--methods", "tpo", "--out", out])
+    both = tt.main(TOKEN_TINY + ["--reward", "terminal", "--methods", "tpo,dg", "--out", out, "--resume"])
+    assert "tpo: kept from" in capsys.readouterr().out
+    assert both["tpo"] == first["tpo"] and list(both) == ["tpo", "dg"]
+    assert tt.main(["--report", out]) == both  # reprints the table from the JSON alone
+    assert "episodes to 1%" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tt.main(TOKEN_TINY + ["--reward", "terminal", "--H", "4", "--methods", "tpo", "--out", out, "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert "other settings (H)" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
 # llm_rlvr.py: the real loop on vLLM's CPU build and a tiny random Qwen3
 # ---------------------------------------------------------------------------
 # No weights can be downloaded here, so the tests build a 2-layer Qwen3 with

@@ -1,0 +1,742 @@
+"""Transformer sequence tasks: SPEC section 4 (the paper's token experiments).
+
+A small causal transformer reads H prompt tokens over a vocabulary of V and
+writes H answer tokens; the correct answer is a fixed function of the prompt
+(copy, flip x -> V-1-x, reverse copy, reverse flip). Rewards per answer token:
+bag_of_tokens (1 where correct), sequential (1 up to the first mistake, then
+0), terminal (1 on every position only if the whole answer is right).
+
+    python token_tasks.py                                       # Table 2 cell: reverse copy, bag-of-tokens, V=2, H=10
+    python token_tasks.py --reward sequential --target copy     # Table 2, sequential reward
+    python token_tasks.py --reward terminal --H 8 --episodes 2000                         # Table 3, prompt-matched
+    python token_tasks.py --reward terminal --H 8 --episodes 2000 --matching interaction  # Table 3, interaction-matched
+    python token_tasks.py --reward terminal --H 10 --episodes 2000 --methods tpo,tpo_no_anchor,group_pg,grpo_no_kl  # ablations
+    python token_tasks.py --reward terminal --H 8 --K 32 --B 256 --episodes 2000 --methods tpo,grpo,grpo_masked    # diagnostics
+    python token_tasks.py --benchmark                           # seconds per seed-episode, GFLOP/s
+    python token_tasks.py --report results/token_tasks_terminal_reverse_copy.json   # reprint a saved run's table
+
+The JSON is rewritten after each method; --resume with the same --out and
+settings keeps the methods already finished and trains the rest.
+
+Model (the authors' code, as SPEC section 4 describes it): pre-norm decoder,
+learned token and position embeddings, 2 layers, d_model 64, FFN 256 with
+ReLU (SPEC does not give the activation; ReLU is the MlpBlock default of
+Flax's transformer examples, and cheaper here than GELU), 2 heads (the
+authors' code; the paper's text says 4: --heads 4), a final LayerNorm (eps
+1e-6, Flax's) and an output head to V logits. Initialisation is Flax's
+default: truncated-normal LeCun kernels, zero biases, N(0, 1/d) embeddings.
+The sequence is the H prompt tokens then the H answer tokens; answer token i
+is predicted at the position before it.
+
+Speed: all seeds of a method train as one batched computation (every weight
+has a leading seed dimension; each seed draws its weights, prompts and
+samples from its own generator, so a seed's run does not depend on how many
+run beside it). Rollouts encode each prompt once and decode one token per
+step from a key/value cache; the update scores every answer token in one
+teacher-forced pass in which a prompt and its K answers share one packed row
+(see answer_logprobs). `--benchmark` times the issue's configuration.
+
+Optimizer: Muon at lr 1e-3 on the tensors the authors' Flax model gave Muon,
+Adam (0.9, 0.999, eps 1e-8, no weight decay) at the same lr on the rest:
+    Muon: token and position embedding tables, the per-head q/k/v biases
+          ([heads, head_dim] each), the FFN kernels, the output kernel;
+    Adam: the q/k/v and attention-output kernels (3-D in Flax), the
+          attention-output, FFN and output biases, all LayerNorm scales and biases.
+Muon here is torch.optim.Muon's update (EMA momentum 0.95 with Nesterov, 5
+Newton-Schulz steps with (3.4445, -4.775, 2.0315) after Frobenius
+normalisation, no weight decay) batched over the seed dimension, with the
+Newton-Schulz product in float32 (optax's; torch uses bfloat16), and the lr
+scaled by sqrt(max(1, fan_out / fan_in)) with kernels stored [fan_in, fan_out]
+as in Flax. Two optax details are not reproduced: its Muon momentum is
+bias-corrected (this changes the mix of gradient and momentum in the first
+few dozen steps only) and recent optax versions give the Adam branch
+Nesterov momentum.
+
+Methods (losses from tpo.py; each episode draws B fresh prompts):
+  tpo_token, grpo_token   dense rewards only: one behaviour answer per prompt,
+        and at each of its H states K next-token candidates drawn from the
+        policy there (with replacement; duplicates stay separate members),
+        each scored by its own token reward. Group = those K candidates,
+        candidate log-prob = its token log-prob.
+  tpo, tpo_no_anchor, grpo, grpo_no_kl, grpo_masked, group_pg   K full answers
+        per prompt, score = mean token reward (for terminal reward:
+        exact match), candidate log-prob = the sum of its H token log-probs.
+        GRPO uses token-level ratios with the sequence's group advantage and
+        a per-token KL (beta 0.04) to the rollout policy, as DeepSeekMath's GRPO.
+  ppo, dg, pg   one answer per prompt (the behaviour trajectory); each answer
+        token is an action with advantage = its position's reward minus that
+        position's mean over the batch (no critic, SPEC section 4).
+Per-token and per-group losses are means (tpo.py's conventions): TPO averages
+over groups, GRPO, PPO, DG and PG over tokens; group_pg is multiplied by K so
+that, like TPO's cross-entropy, it sums over each group. PPO, the GRPO and TPO
+variants and group_pg take --epochs full-batch gradient steps per rollout
+batch with q, logp_old and the advantages frozen; DG and PG take one.
+--matching interaction (terminal reward) gives ppo, dg and pg B*K prompts per
+step and lr * sqrt(K). The error curve is 1 - mean reward of each episode's own
+training rollouts (token error for dense rewards, exact-match error for
+terminal), as the authors measure it; there is no held-out evaluation.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import tpo
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--target", choices=["copy", "flip", "reverse_copy", "reverse_flip"], default="reverse_copy",
+                    help="answer as a function of the prompt (paper Table 1: reverse_copy; Table 2: all four)")
+parser.add_argument("--reward", choices=["bag_of_tokens", "sequential", "terminal"], default="bag_of_tokens")
+parser.add_argument("--V", type=int, default=2, help="vocabulary size (paper: 2; Table 1 also 4, 8, 16)")
+parser.add_argument("--H", type=int, default=10, help="prompt and answer length (paper: 10; terminal 7-10; diagnostics 8)")
+parser.add_argument("--K", type=int, default=8, help="candidates per group (paper: 8; diagnostics 32, sweep 4-64)")
+parser.add_argument("--B", type=int, default=100, help="prompts per episode (paper: 100; diagnostics 256)")
+parser.add_argument("--episodes", type=int, default=1000, help="rollout batches (paper: 1,000 dense, 2,000 terminal)")
+parser.add_argument("--seeds", type=int, default=10,
+                    help="independent runs, batched (paper: 10 in Table 2 and the temperature sweep, 20 in Table 1)")
+parser.add_argument("--epochs", type=int, default=4, help="gradient epochs per rollout batch for PPO, GRPO, TPO (paper: 4)")
+parser.add_argument("--eta", type=float, default=1.0, help="TPO and DG temperature (paper: 1; sweep 0.25-4)")
+parser.add_argument("--lr", type=float, default=1e-3, help="Muon and Adam learning rate (paper: 1e-3)")
+parser.add_argument("--matching", choices=["prompt", "interaction"], default="prompt",
+                    help="terminal reward: interaction gives ppo/dg/pg B*K prompts per step and lr*sqrt(K) (paper: both)")
+parser.add_argument("--methods", default=None,
+                    help="comma list; default tpo_token,grpo_token,dg,ppo (dense) or tpo,grpo,grpo_no_kl,ppo,dg (terminal)")
+parser.add_argument("--d-model", type=int, default=64, help="transformer width (paper: 64); FFN is 4x")
+parser.add_argument("--layers", type=int, default=2, help="transformer layers (paper: 2)")
+parser.add_argument("--heads", type=int, default=2, help="attention heads (authors' code: 2; paper's text: 4)")
+parser.add_argument("--seed", type=int, default=0, help="seed i of a run uses generator seed --seed + i")
+parser.add_argument("--threads", type=int, default=0,
+                    help="CPU threads (default: torch's choice, one per core; 1 is faster on a machine shared with other jobs)")
+parser.add_argument("--out", default=None, help="JSON path (default results/token_tasks_<reward>_<target>.json); PNG beside it")
+parser.add_argument("--resume", action="store_true",
+                    help="keep the methods already finished in --out (same settings) and train only the others")
+parser.add_argument("--report", metavar="JSON", default=None,
+                    help="print the table of a finished run's JSON and redraw its PNG, without training")
+parser.add_argument("--benchmark", action="store_true",
+                    help="time terminal-reward TPO at H=8, V=2, K=8, B=100, 4 epochs with 1 and 8 seeds, then exit")
+
+
+# ---------------------------------------------------------------------------
+# Task: prompts, correct answers, rewards (all [S seeds, N answers, H])
+# ---------------------------------------------------------------------------
+TARGETS = {
+    "copy": lambda x, V: x,
+    "flip": lambda x, V: V - 1 - x,
+    "reverse_copy": lambda x, V: x.flip(-1),
+    "reverse_flip": lambda x, V: V - 1 - x.flip(-1),
+}
+
+# correct: bool [..., H], True where the answer token is right -> reward [..., H] in {0, 1}
+REWARDS = {
+    "bag_of_tokens": lambda correct: correct.float(),
+    "sequential": lambda correct: correct.float().cumprod(-1),
+    "terminal": lambda correct: correct.all(-1, keepdim=True).float().expand(correct.shape),
+}
+DENSE = ("bag_of_tokens", "sequential")
+
+
+def candidate_rewards(reward, correct, cand_correct):
+    """Token reward of each next-token candidate at each state of the behaviour answer.
+
+    correct [S, B, H] (behaviour answer), cand_correct [S, B, H, K] -> [S, B, H, K].
+    A candidate at position t earns what position t would have earned had it
+    been played there; for sequential reward a state after the behaviour's
+    first mistake therefore scores every candidate 0.
+    """
+    if reward == "bag_of_tokens":
+        return cand_correct.float()
+    if reward == "sequential":
+        prefix_ok = F.pad(correct.float().cumprod(-1)[..., :-1], (1, 0), value=1.0)  # all tokens before t right
+        return cand_correct.float() * prefix_ok[..., None]
+    raise ValueError(f"{reward} reward has no per-token candidate score")
+
+
+def per_seed(gens, draw):
+    """One draw per seed from its own generator, stacked on a leading seed dimension."""
+    return torch.stack([draw(g) for g in gens])
+
+
+# ---------------------------------------------------------------------------
+# Model: S independent transformers as batched weight tensors
+# ---------------------------------------------------------------------------
+# Weights are stored as in Flax, kernels [S, fan_in, fan_out] and vectors
+# [S, 1, n] (so they broadcast over tokens), and the shapes Muon sees are
+# Flax's: the q/k/v biases are [S, 3, heads, head_dim].
+MUON = ("tok_emb", "pos_emb", "bqkv", "w1", "w2", "w_out")  # name suffixes trained by Muon; the rest by Adam
+
+
+def init_params(args, gens):
+    d, V, L, nh = args.d_model, args.V, args.layers, args.heads
+
+    def lecun(g, fan_in, *shape):  # truncated normal at 2 std with variance 1/fan_in (Flax's default kernel init)
+        std = 1 / math.sqrt(fan_in) / 0.87962566103423978
+        return torch.nn.init.trunc_normal_(torch.empty(*shape), std=std, a=-2 * std, b=2 * std, generator=g)
+
+    def one_seed(g):
+        p = {"tok_emb": torch.randn(V, d, generator=g) / math.sqrt(d),
+             "pos_emb": torch.randn(2 * args.H, d, generator=g) / math.sqrt(d)}  # the last position is never an input
+        for l in range(L):
+            p |= {f"{l}.ln1_g": torch.ones(1, d), f"{l}.ln1_b": torch.zeros(1, d),
+                  f"{l}.wqkv": lecun(g, d, d, 3 * d), f"{l}.bqkv": torch.zeros(3, nh, d // nh),
+                  f"{l}.wo": lecun(g, d, d, d), f"{l}.bo": torch.zeros(1, d),
+                  f"{l}.ln2_g": torch.ones(1, d), f"{l}.ln2_b": torch.zeros(1, d),
+                  f"{l}.w1": lecun(g, d, d, 4 * d), f"{l}.b1": torch.zeros(1, 4 * d),
+                  f"{l}.w2": lecun(g, 4 * d, 4 * d, d), f"{l}.b2": torch.zeros(1, d)}
+        return p | {"lnf_g": torch.ones(1, d), "lnf_b": torch.zeros(1, d),
+                    "w_out": lecun(g, d, d, V), "b_out": torch.zeros(1, V)}
+
+    seeds = [one_seed(g) for g in gens]
+    return {k: torch.stack([s[k] for s in seeds]).requires_grad_(True) for k in seeds[0]}
+
+
+def n_layers(P):
+    return sum(k.endswith(".wqkv") for k in P)
+
+
+def layer_norm(h, g, b):
+    return torch.addcmul(b, F.layer_norm(h, h.shape[-1:], eps=1e-6), g)
+
+
+def block(P, l, h, attend):
+    """One pre-norm layer on h [S, M rows, d]; attend(l, qkv) mixes the rows."""
+    S = h.shape[0]
+    a = layer_norm(h, P[f"{l}.ln1_g"], P[f"{l}.ln1_b"])
+    qkv = torch.baddbmm(P[f"{l}.bqkv"].view(S, 1, -1), a, P[f"{l}.wqkv"])
+    h = h + torch.baddbmm(P[f"{l}.bo"], attend(l, qkv), P[f"{l}.wo"])
+    a = layer_norm(h, P[f"{l}.ln2_g"], P[f"{l}.ln2_b"])
+    a = torch.relu(torch.baddbmm(P[f"{l}.b1"], a, P[f"{l}.w1"]))
+    return h + torch.baddbmm(P[f"{l}.b2"], a, P[f"{l}.w2"])
+
+
+def split_heads(qkv, T, nh):
+    """[S, n*T, 3d] (n sequences of T positions) -> q, k, v, each [S*n, heads, T, head_dim]."""
+    return qkv.reshape(-1, T, 3, nh, qkv.shape[-1] // (3 * nh)).permute(2, 0, 3, 1, 4)
+
+
+def merge_heads(o, S):
+    return o.transpose(1, 2).reshape(S, -1, o.shape[1] * o.shape[3])  # [S*n, heads, T, hd] -> [S, n*T, d]
+
+
+def embed(P, tokens, pos):
+    # tokens [S, n, T] at positions pos [T] -> [S, n*T, d]
+    S, n, T = tokens.shape
+    h = P["tok_emb"][torch.arange(S).view(S, 1, 1), tokens] + P["pos_emb"][:, None, pos]
+    return h.view(S, n * T, -1)
+
+
+def head(P, h):
+    return torch.baddbmm(P["b_out"], layer_norm(h, P["lnf_g"], P["lnf_b"]), P["w_out"])
+
+
+def answer_logprobs(P, x, y):
+    """Teacher forcing: log pi(. | x, y_<t) at every answer position t, in one pass.
+
+    x [S, B, H] prompts, y [S, B*K, H] answers (a prompt's K answers adjacent)
+    -> [S, B*K, H, V]. Attention is causal and a prompt's K answers share it,
+    so each prompt and its answers are packed into one row of H + K(H-1)
+    positions (the last answer token is never an input): the prompt, then
+    each answer, with a mask that lets an answer see the prompt and its own
+    earlier tokens only. The prompt is encoded once instead of K times.
+    """
+    S, B, H = x.shape
+    K = y.shape[1] // B
+    answer_of = torch.arange(-1, K).repeat_interleave(torch.tensor([H] + [H - 1] * K))  # -1: prompt
+    T = len(answer_of)
+    pos = torch.cat([torch.arange(H), torch.arange(H, 2 * H - 1).repeat(K)])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & ((answer_of[None, :] == -1) | (answer_of[None, :] == answer_of[:, None]))
+    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf"))  # additive: faster than a bool mask on the CPU
+    nh = P["0.bqkv"].shape[-2]
+
+    def attend(l, qkv):
+        q, k, v = split_heads(qkv, T, nh)
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), S)
+
+    h = embed(P, torch.cat([x, y[..., :-1].reshape(S, B, K * (H - 1))], -1), pos)  # [S, B*T, d]
+    for l in range(n_layers(P)):
+        h = block(P, l, h, attend)
+    # answer k's token t is predicted at the prompt's last position (t = 0) or at its own token t-1
+    rows = torch.cat([torch.full((K, 1), H - 1), H + (H - 1) * torch.arange(K)[:, None] + torch.arange(H - 1)], 1)
+    h = h.view(S, B, T, -1)[:, :, rows.flatten()].view(S, B * K * H, -1)
+    return torch.log_softmax(head(P, h), -1).view(S, B * K, H, -1)
+
+
+# ---------------------------------------------------------------------------
+# Rollout: sample answers with a key/value cache, score them
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(P, x, gens, n_answers=1, n_candidates=0):
+    """n_answers answers per prompt, and n_candidates extra next-token draws
+    at every state of each answer (the token-level groups).
+
+    x [S, B, H] -> y [S, B*n_answers, H] (a prompt's answers adjacent),
+    cand [S, B*n_answers, H, n_candidates], and lp [S, B*n_answers, H, V],
+    the log-probs each token was drawn from. The prompt is encoded once, its
+    keys and values are copied to its answers' caches, then each step feeds
+    one token.
+    """
+    S, B, H = x.shape
+    N, L, nh = B * n_answers, n_layers(P), P["0.bqkv"].shape[-2]
+    cache = [None] * L
+
+    def prefill(l, qkv):
+        q, k, v = split_heads(qkv, H, nh)
+        cache[l] = [torch.cat([t.repeat_interleave(n_answers, 0), t.new_empty(N * S, nh, H - 1, t.shape[-1])], 2)
+                    for t in (k, v)]  # [S*N, heads, 2H-1, head_dim]
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True), S)
+
+    def decode(pos):
+        def attend(l, qkv):
+            q, k, v = split_heads(qkv, 1, nh)
+            cache[l][0][:, :, pos], cache[l][1][:, :, pos] = k[:, :, 0], v[:, :, 0]
+            return merge_heads(F.scaled_dot_product_attention(q, cache[l][0][:, :, :pos + 1], cache[l][1][:, :, :pos + 1]), S)
+        return attend
+
+    h = embed(P, x, torch.arange(H))
+    for l in range(L):
+        h = block(P, l, h, prefill)
+    logits = head(P, h.view(S, B, H, -1)[:, :, -1]).repeat_interleave(n_answers, 1)  # [S, N, V]
+    y = torch.empty(S, N, H, dtype=torch.long)
+    cand = torch.empty(S, N, H, n_candidates, dtype=torch.long)
+    lp = torch.empty(S, N, H, logits.shape[-1])
+    for t in range(H):
+        lp[:, :, t] = logits.log_softmax(-1)
+        cdf = lp[:, :, t].exp().cumsum(-1)
+        u = per_seed(gens, lambda g: torch.rand(N, 1 + n_candidates, generator=g))
+        draws = (u[..., None] > cdf[:, :, None, :]).sum(-1).clamp(max=cdf.shape[-1] - 1)  # inverse CDF: [S, N, 1+n]
+        y[:, :, t], cand[:, :, t] = draws[..., 0], draws[..., 1:]
+        if t < H - 1:
+            h = embed(P, y[:, :, t:t + 1], torch.tensor([H + t]))
+            for l in range(L):
+                h = block(P, l, h, decode(H + t))
+            logits = head(P, h)
+    return y, cand, lp
+
+
+def rollout(P, kind, args, gens, n_prompts):
+    """One episode's rollout batch: prompts x [S, B, H], answers y, their token rewards r [S, N, H]."""
+    b = SimpleNamespace(K=args.K if kind == "group" else 1)
+    b.x = per_seed(gens, lambda g: torch.randint(args.V, (n_prompts, args.H), generator=g))
+    correct = TARGETS[args.target](b.x, args.V).repeat_interleave(b.K, 1)  # the correct answer, per answer
+    b.y, b.cand, _ = sample(P, b.x, gens, n_answers=b.K, n_candidates=args.K if kind == "token" else 0)
+    b.r = REWARDS[args.reward](b.y == correct)
+    if kind == "token":
+        b.cand_r = candidate_rewards(args.reward, b.y == correct, b.cand == correct[..., None])  # [S, B, H, K]
+    if kind == "group":
+        b.scores = grouped(b.r.mean(-1), b.K)  # [S, B, K]; terminal: 1 for an exact answer
+    return b
+
+
+def grouped(t, K):
+    """[S, B*K, ...] -> [S, B, K, ...]: a prompt's K answers side by side."""
+    return t.view(t.shape[0], -1, K, *t.shape[2:])
+
+
+# ---------------------------------------------------------------------------
+# Update: one loss per method. lp [S, N, H, V] current log-probs; b.lp_old the
+# same at rollout time (frozen on the first epoch)
+# ---------------------------------------------------------------------------
+
+def token_logp(lp, y):
+    return lp.gather(-1, y[..., None])[..., 0]  # [S, N, H]
+
+
+def seq_logp(lp, b):
+    return grouped(token_logp(lp, b.y).sum(-1), b.K)  # a candidate's log-prob is the sum over its tokens: [S, B, K]
+
+
+def tpo_token(lp, b, args):
+    # all K candidates of a state share its logits: [S, B, H, K]
+    return tpo.tpo_loss(lp.gather(-1, b.cand), b.lp_old.gather(-1, b.cand), b.cand_r, eta=args.eta)
+
+
+def grpo_token(lp, b, args):
+    return tpo.grpo_loss(lp.gather(-1, b.cand), b.lp_old.gather(-1, b.cand), tpo.group_advantages(b.cand_r))
+
+
+def tpo_seq(lp, b, args):
+    return tpo.tpo_loss(seq_logp(lp, b), seq_logp(b.lp_old, b), b.scores, eta=args.eta)
+
+
+def tpo_no_anchor(lp, b, args):
+    return tpo.tpo_loss(seq_logp(lp, b), seq_logp(b.lp_old, b), b.scores, eta=args.eta, anchor=False)
+
+
+def grpo_seq(lp, b, args, beta=0.04, masked=False):
+    # token-level ratio and KL, every token carrying its answer's group advantage: [S, B, K, H]
+    logp, logp_old = grouped(token_logp(lp, b.y), b.K), grouped(token_logp(b.lp_old, b.y), b.K)
+    A = tpo.group_advantages(b.scores)[..., None].expand_as(logp)
+    mask = tpo.informative_groups(b.scores)[..., None, None].expand_as(logp) if masked else None
+    return tpo.grpo_loss(logp, logp_old, A, beta=beta, mask=mask)
+
+
+def grpo_no_kl(lp, b, args):
+    return grpo_seq(lp, b, args, beta=0.0)
+
+
+def grpo_masked(lp, b, args):
+    return grpo_seq(lp, b, args, masked=True)
+
+
+def group_pg(lp, b, args):
+    return tpo.group_pg_loss(seq_logp(lp, b), b.scores) * b.K  # x K: a sum over each group, as TPO's cross-entropy
+
+
+def batch_advantage(b):
+    return b.r - b.r.mean(1, keepdim=True)  # each position's reward minus its mean over the seed's batch
+
+
+def ppo(lp, b, args):
+    return tpo.ppo_loss(token_logp(lp, b.y), token_logp(b.lp_old, b.y), batch_advantage(b))
+
+
+def dg(lp, b, args):
+    return tpo.dg_loss(token_logp(lp, b.y), batch_advantage(b), eta=args.eta)
+
+
+def pg(lp, b, args):
+    return tpo.pg_loss(token_logp(lp, b.y), batch_advantage(b))
+
+
+# name: (loss, rollout, multi_epoch). rollout "token": one behaviour answer per
+# prompt plus K next-token candidates at each of its states; "group": K answers
+# per prompt; "single": one answer per prompt. multi_epoch: --epochs gradient
+# steps per rollout batch, else one.
+METHODS = {
+    "tpo_token": (tpo_token, "token", True),
+    "grpo_token": (grpo_token, "token", True),
+    "tpo": (tpo_seq, "group", True),
+    "tpo_no_anchor": (tpo_no_anchor, "group", True),
+    "grpo": (grpo_seq, "group", True),
+    "grpo_no_kl": (grpo_no_kl, "group", True),
+    "grpo_masked": (grpo_masked, "group", True),
+    "group_pg": (group_pg, "group", True),
+    "ppo": (ppo, "single", True),
+    "dg": (dg, "single", False),
+    "pg": (pg, "single", False),
+}
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: Muon batched over the seed dimension, Adam on the rest
+# ---------------------------------------------------------------------------
+
+def newton_schulz(G, steps=5, coeffs=(3.4445, -4.775, 2.0315), eps=1e-7):
+    """Approximately orthogonalise each matrix G[..., m, n] (torch.optim.Muon's iteration, batched)."""
+    a, b, c = coeffs
+    wide = G.shape[-2] <= G.shape[-1]
+    X = G if wide else G.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.mT
+
+
+@torch.no_grad()
+def muon_step(params, momenta, lr, momentum=0.95):
+    for p, m in zip(params, momenta):
+        m.lerp_(p.grad, 1 - momentum)
+        update = newton_schulz(p.grad.lerp(m, momentum))  # Nesterov
+        p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[-1] / p.shape[-2])))
+
+
+# ---------------------------------------------------------------------------
+# Main loop: all seeds of one method at once
+# ---------------------------------------------------------------------------
+
+def all_fail_fraction(kind, b):
+    """Fraction of a seed's groups in which every candidate scored 0: [S], or None without groups."""
+    scores = {"token": getattr(b, "cand_r", None), "group": getattr(b, "scores", None)}.get(kind)
+    return None if scores is None else (scores.amax(-1) <= 0).float().flatten(1).mean(1)
+
+
+def target_mass(method, b, args):
+    """Mean over groups with a success of the TPO target's mass on successful candidates: [S]."""
+    if method not in ("tpo_token", "tpo", "tpo_no_anchor"):
+        return None
+    if method == "tpo_token":
+        logp_old, scores = b.lp_old.gather(-1, b.cand), b.cand_r
+    else:
+        logp_old, scores = seq_logp(b.lp_old, b), b.scores
+    prior = torch.zeros_like(logp_old) if method == "tpo_no_anchor" else logp_old
+    q = tpo.tpo_target(prior, tpo.standardize(scores), args.eta)
+    success = scores >= 1  # token reward 1, or every token rewarded (terminal: exact match)
+    mass, has = (q * success).sum(-1).flatten(1), success.any(-1).flatten(1)
+    return (mass * has).sum(1) / has.sum(1).clamp(min=1)
+
+
+def train(method, args, seeds, progress=False):
+    """Train one method for every seed in `seeds` at once; curves [S, episodes]."""
+    loss_fn, kind, multi_epoch = METHODS[method]
+    S = len(seeds)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    P = init_params(args, gens)
+    single_interaction = kind == "single" and args.matching == "interaction"
+    n_prompts = args.B * args.K if single_interaction else args.B
+    lr = args.lr * math.sqrt(args.K) if single_interaction else args.lr
+    muon = [p for k, p in P.items() if k.split(".")[-1] in MUON]
+    adam = torch.optim.Adam([p for k, p in P.items() if k.split(".")[-1] not in MUON],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    momenta = [torch.zeros_like(p) for p in muon]
+    log = {"error": [], "grad_norm": [], "all_fail": [], "target_mass": []}
+    t0, every = time.time(), max(1, args.episodes // 10)
+    for episode in range(args.episodes):
+        b = rollout(P, kind, args, gens, n_prompts)
+        for epoch in range(args.epochs if multi_epoch else 1):
+            lp = answer_logprobs(P, b.x, b.y)
+            if epoch == 0:
+                b.lp_old = lp.detach()  # the rollout policy: parameters have not moved since sampling
+            loss = loss_fn(lp, b, args) * S  # losses average over seeds; x S keeps each seed's gradient its own
+            for p in P.values():
+                p.grad = None
+            loss.backward()
+            if epoch == 0:
+                grad_norm = torch.stack([p.grad.flatten(1).square().sum(1) for p in P.values()]).sum(0).sqrt()
+            muon_step(muon, momenta, lr)
+            adam.step()
+        reward = b.r[..., 0] if args.reward == "terminal" else b.r  # exact match, or per token
+        log["error"].append(1 - reward.flatten(1).mean(1))
+        log["grad_norm"].append(grad_norm)
+        log["all_fail"].append(all_fail_fraction(kind, b))
+        log["target_mass"].append(target_mass(method, b, args))
+        if progress and (episode + 1) % every == 0:
+            print(f"  {method} episode {episode + 1}/{args.episodes}: error {float(log['error'][-1].mean()):.4f} "
+                  f"(mean over {S} seeds), {time.time() - t0:.0f}s", flush=True)
+    return {k: torch.stack(v, 1) if v[0] is not None else None for k, v in log.items()}
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    dense = args.reward in DENSE
+    args.methods = args.methods or ("tpo_token,grpo_token,dg,ppo" if dense else "tpo,grpo,grpo_no_kl,ppo,dg")
+    methods = args.methods.split(",")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        fail(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
+    token = [m for m in methods if METHODS[m][1] == "token"]
+    if token and not dense:
+        fail(f"{','.join(token)} score each next-token candidate by its own token reward, which terminal reward "
+             "does not give; use the sequence-level tpo or grpo")
+    if args.matching == "interaction" and dense:
+        fail("--matching interaction is for --reward terminal: in the dense runs ppo/dg/pg already follow the "
+             "token methods' behaviour trajectories")
+    if args.H < 2:
+        fail("--H must be at least 2")
+    for name in ("B", "episodes", "seeds", "epochs", "d_model", "layers", "heads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.V < 2 or args.K < 2:
+        fail("--V and --K must be at least 2")
+    if args.d_model % args.heads:
+        fail("--d-model must be a multiple of --heads")
+    if not (args.eta > 0 and args.lr > 0):
+        fail("--eta and --lr must be positive")
+    return methods
+
+
+def load_finished(out, config):
+    """--resume: the methods already in `out`, refused in one sentence if it was run with other settings."""
+    if not os.path.exists(out):
+        return {}
+    try:
+        with open(out) as f:
+            saved = json.load(f)
+        finished, old = saved["methods"], saved["config"]
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"cannot resume from {out}: it is not a results file of this script ({e})")
+    changed = sorted(k for k in config if old.get(k) != config[k])
+    if changed:
+        fail(f"cannot resume from {out}: it was run with other settings ({', '.join(changed)}); use another --out")
+    return finished
+
+
+def first_below(curve, level=0.01):
+    hit = (curve <= level).nonzero()
+    return int(hit[0]) if len(hit) else None
+
+
+def summarise(log, args, seconds):
+    err, S = log["error"], log["error"].shape[0]
+    last = max(1, round(0.05 * args.episodes))
+    final = err[:, -last:].mean(1)  # [S]
+    se = lambda t: (t.std(0) / math.sqrt(S)).tolist() if S > 1 else None
+    mean = lambda t: None if t is None else t.mean(0).tolist()
+    return {
+        "error_mean": mean(err), "error_se": se(err),
+        "grad_norm_mean": mean(log["grad_norm"]),
+        "all_fail_fraction_mean": mean(log["all_fail"]),
+        "target_mass_success_mean": mean(log["target_mass"]),
+        "final_error": float(final.mean()), "final_error_se": float(final.std() / math.sqrt(S)) if S > 1 else None,
+        "final_error_per_seed": final.tolist(),
+        "steps_to_1pct": first_below(err.mean(0)),
+        "seconds": seconds,
+    }
+
+
+def report(results, args):
+    """The table on stdout: final error, episodes to 1%, and how the first-epoch gradient norm and the share
+    of all-fail groups moved from the first to the last 5% of episodes."""
+    unit = "exact-match error" if args.reward == "terminal" else "token error"
+    print(f"\n{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
+          f"{args.matching}-matched, {args.seeds} seeds, {args.episodes} episodes")
+    print(f"({unit} = 1 - mean reward of the episode's own rollouts; final = mean of the last 5% of episodes, "
+          "mean ± standard error over seeds; episodes to 1% = first episode whose seed-mean error is <= 0.01; "
+          "grad norm and all-fail groups: seed mean, first 5% -> last 5% of episodes)")
+    print(f"{'method':14s} {'final error':>20s} {'episodes to 1%':>15s} {'grad norm':>18s} {'all-fail groups':>16s}")
+    n = max(1, round(0.05 * args.episodes))
+    ends = lambda c: "" if c is None else f"{sum(c[:n]) / n:.3g} -> {sum(c[-n:]) / n:.3g}"
+    for m, r in results.items():
+        se = f" ± {r['final_error_se']:.4f}" if r["final_error_se"] is not None else ""
+        hit = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
+        print(f"{m:14s} {r['final_error']:11.4f}{se:9s} {hit:>15s} {ends(r['grad_norm_mean']):>18s} "
+              f"{ends(r['all_fail_fraction_mean']):>16s}")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.report:
+        return reprint(args.report)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.benchmark:
+        return benchmark()
+    methods = check_args(args)
+    out = args.out or os.path.join("results", f"token_tasks_{args.reward}_{args.target}.json")
+    torch.manual_seed(args.seed)  # nothing should draw from the global generator; this makes sure it is fixed if it does
+
+    not_settings = ("methods", "resume", "threads", "out", "benchmark", "report")
+    config = {k: v for k, v in vars(args).items() if k not in not_settings}
+    results = load_finished(out, config) if args.resume else {}
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    for i, m in enumerate(methods):
+        if m in results:
+            print(f"[{i + 1}/{len(methods)}] {m}: kept from {out}", flush=True)
+            continue
+        t0 = time.time()
+        log = train(m, args, range(args.seed, args.seed + args.seeds), progress=True)
+        results[m] = summarise(log, args, time.time() - t0)
+        print(f"[{i + 1}/{len(methods)}] {m}: {args.episodes} episodes x {args.seeds} seeds in {time.time() - t0:.1f}s, "
+              f"final error {results[m]['final_error']:.4f}", flush=True)
+        with open(out, "w") as f:  # after every method, so an interrupted run loses at most one (see --resume)
+            json.dump({"config": config, "methods": results}, f)
+    results = {m: results[m] for m in methods}
+
+    report(results, args)
+    with open(out, "w") as f:
+        json.dump({"config": config | {"methods": methods}, "methods": results}, f)
+    png = os.path.splitext(out)[0] + ".png"
+    plot(results, args, png)
+    print(f"\nwrote {out} and {png}")
+    return results
+
+
+def reprint(path):
+    """--report: the table and PNG of a saved run."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        args = parser.parse_args([])
+        for k, v in saved["config"].items():
+            setattr(args, k, v)
+        results = saved["methods"]
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"cannot read {path} as a results file of this script ({e})")
+    report(results, args)
+    png = os.path.splitext(path)[0] + ".png"
+    plot(results, args, png)
+    print(f"\nredrew {png}")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Benchmark: the issue's configuration, seconds per seed-episode and GFLOP/s
+# ---------------------------------------------------------------------------
+
+def model_flops(args, tokens):
+    """Forward FLOPs of `tokens` positions (2 per multiply-add): the matmuls, and attention over 2H-1 keys."""
+    d, T = args.d_model, 2 * args.H - 1
+    per_token = args.layers * (2 * (3 * d * d + d * d + 8 * d * d) + 4 * T * d) + 2 * d * args.V
+    return tokens * per_token
+
+
+def benchmark(episodes=5):
+    """Terminal-reward TPO at H=8, V=2, K=8, B=100, 4 epochs, with 1 and 8 seeds.
+
+    GFLOP per seed-episode is the standard model count: the rollout as one
+    forward over all B*K*(2H-1) positions, and each epoch as forward +
+    backward = 3 forwards. The script does about 0.6 of that work, since it
+    encodes each prompt once for its K answers (rollout and update alike),
+    so GFLOP/s here is the standard count per second, as for the authors' code.
+    """
+    args = parser.parse_args(["--reward", "terminal", "--target", "reverse_copy", "--H", "8", "--V", "2", "--K", "8",
+                              "--B", "100", "--epochs", "4", "--methods", "tpo", "--episodes", "1"])
+    flops = model_flops(args, args.B * args.K * (2 * args.H - 1)) * (1 + 3 * args.epochs)
+    print(f"terminal-reward TPO, H={args.H}, V={args.V}, K={args.K}, B={args.B}, {args.epochs} epochs: "
+          f"{flops / 1e9:.1f} GFLOP per seed-episode (standard count); {torch.get_num_threads()} CPU threads")
+    rows = []
+    for S in (1, 8):
+        train("tpo", args, range(S))  # warm-up: allocator, thread pool
+        args.episodes = episodes
+        t0 = time.perf_counter()
+        train("tpo", args, range(S))
+        sec = (time.perf_counter() - t0) / (episodes * S)
+        args.episodes = 1
+        rows.append({"seeds": S, "seconds_per_seed_episode": sec, "gflop_per_s": flops / sec / 1e9})
+        print(f"{S} seed(s): {sec:.3f} s per seed-episode, {flops / sec / 1e9:.1f} GFLOP/s "
+              f"(wall clock, mean over {episodes} episodes after one warm-up episode)", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def plot(results, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("error_mean", "exact-match error" if args.reward == "terminal" else "token error", "log"),
+              ("grad_norm_mean", "first-epoch gradient L2 norm", "log"),
+              ("all_fail_fraction_mean", "fraction of all-fail groups", "linear"),
+              ("target_mass_success_mean", "target mass on successful candidates", "linear")]
+    w = max(1, args.episodes // 50)  # single episodes are noisy (the gradient norm spans decades): a moving average
+
+    def smooth(curve):
+        c = torch.tensor(curve, dtype=torch.float64).cumsum(0)
+        return torch.cat([c[:w] / torch.arange(1, min(w, len(c)) + 1), (c[w:] - c[:-w]) / w]).tolist()
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for m, r in results.items():
+            if r[key] is not None:
+                ax.plot(smooth(r[key]), label=m, lw=1)
+        ax.set(xlabel="episode", ylabel=label)
+        ax.set_yscale(scale, **({"nonpositive": "mask"} if scale == "log" else {}))  # an exact 0 leaves a gap
+    axes[0].axhline(0.01, color="grey", lw=0.5, ls=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
+                 f"{args.matching}-matched: mean over {args.seeds} seeds, moving average over {w} episodes", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
