@@ -1,32 +1,69 @@
-"""Transformer sequence tasks: SPEC section 4 (the paper's token experiments).
+"""Transformer sequence tasks: section 4 of the TPO paper (Kaddour, 2026, arXiv 2604.06159).
 
-A small causal transformer reads H prompt tokens over a vocabulary of V and
-writes H answer tokens; the correct answer is a fixed function of the prompt
-(copy, flip x -> V-1-x, reverse copy, reverse flip). Rewards per answer token:
-bag_of_tokens (1 where correct), sequential (1 up to the first mistake, then
-0), terminal (1 on every position only if the whole answer is right).
+A small causal transformer reads H prompt tokens drawn uniformly from a
+vocabulary of V and writes H answer tokens; the correct answer is a fixed
+function of the prompt (copy, flip x -> V-1-x, reverse copy, reverse flip).
+Rewards per answer token: bag_of_tokens (1 where correct), sequential (1 up
+to the first mistake, then 0), terminal (1 on every position only if the
+whole answer is right).
 
-    python token_tasks.py                                       # Table 2 cell: reverse copy, bag-of-tokens, V=2, H=10
+    python token_tasks.py                                       # reverse copy, bag-of-tokens, V=2, H=10 (Tables 1-2)
+    python token_tasks.py --V 8                                 # Table 1: V = 2, 4, 8, 16
     python token_tasks.py --reward sequential --target copy     # Table 2, sequential reward
     python token_tasks.py --reward terminal --H 8 --episodes 2000                         # Table 3, prompt-matched
     python token_tasks.py --reward terminal --H 8 --episodes 2000 --matching interaction  # Table 3, interaction-matched
     python token_tasks.py --reward terminal --H 10 --episodes 2000 --methods tpo,tpo_no_anchor,group_pg,grpo_no_kl  # ablations
     python token_tasks.py --reward terminal --H 8 --K 32 --B 256 --episodes 2000 --methods tpo,grpo,grpo_masked    # diagnostics
+    python token_tasks.py --methods tpo_token --eta 0.5         # temperature sweep: eta 0.25 ... 4
     python token_tasks.py --benchmark                           # seconds per seed-episode, GFLOP/s
     python token_tasks.py --report results/token_tasks_terminal_reverse_copy.json   # reprint a saved run's table
 
 The JSON is rewritten after each method; --resume with the same --out and
 settings keeps the methods already finished and trains the rest.
 
-Model (the authors' code, as SPEC section 4 describes it): pre-norm decoder,
-learned token and position embeddings, 2 layers, d_model 64, FFN 256 with
-ReLU (SPEC does not give the activation; ReLU is the MlpBlock default of
-Flax's transformer examples, and cheaper here than GELU), 2 heads (the
-authors' code; the paper's text says 4: --heads 4), a final LayerNorm (eps
-1e-6, Flax's) and an output head to V logits. Initialisation is Flax's
-default: truncated-normal LeCun kernels, zero biases, N(0, 1/d) embeddings.
-The sequence is the H prompt tokens then the H answer tokens; answer token i
-is predicted at the position before it.
+The paper's settings (the defaults here): V = 2, H = 10, K = 8 candidates,
+B = 100 prompts per episode, 4 gradient epochs per rollout batch for PPO,
+GRPO and TPO (DG one), Muon at lr 1e-3; 10 seeds and 1,000 episodes for the
+dense-reward tables (20 seeds for Table 1), 2,000 episodes for terminal
+reward. What it reports, as episodes to 1% error (mean over seeds):
+  Table 1, reverse copy, bag-of-tokens, V = 2/4/8/16: TPO_token 58/74/103/102,
+    GRPO_token 904/141/124/148, DG 199/273/314/393, PPO 872/181/191/259.
+  Table 2, V = 2, copy/flip/reverse copy/reverse flip: bag-of-tokens TPO_token
+    81/56/55/59, GRPO_token 338/104/352/209, DG 219/201/202/200, PPO
+    170/146/never/143; sequential TPO_token 295/321/159/276, DG 439/349/515/309,
+    GRPO_token and PPO never.
+  Table 3, terminal reward, reverse copy, final exact-match error % at H =
+    7/8/9/10: prompt-matched TPO 6.9/8.6/6.1/7.4, GRPO 14.5/27.6/30.0/50.4,
+    GRPO no-KL 66.6/92.5/>95/>95, PPO 12.0/26.3/90.6/>95, DG 33.8/58.8/>95/>95;
+    interaction-matched TPO 1.8/2.8/5.3/19.0, GRPO 9.6/23.2/36.2/48.7.
+  Ablations at H = 10: TPO 7.4% while TPO without the anchor, Group PG and
+    GRPO without KL stay above 99%. Temperature (reverse copy, TPO_token):
+    eta 0.25/0.5/1/2/4 -> 72/67/96/141/260 episodes.
+
+Model: the authors' Flax model. Pre-norm decoder, learned token and position
+embeddings, 2 layers, d_model 64, FFN 256 with GELU (tanh form, Flax's
+nn.gelu), 2 heads (the authors' code; the paper's text says 4: --heads 4),
+LayerNorm eps 1e-6, a final LayerNorm and an output head to V logits.
+Initialisation: token table N(0, 1/d) (nn.Embed), position table
+N(0, 0.02^2), kernels LeCun normal truncated at 2 std, biases zero. The
+position scale is not a detail: with std 0.125 the authors' own code
+reaches 1% on bag-of-tokens reverse copy in 16 episodes instead of 48. The
+sequence is the H prompt tokens then the H answer tokens; answer token i is
+predicted at the position before it.
+
+Optimizer: optax.contrib.muon with its defaults, as the authors ran it. Muon
+(lr 1e-3, momentum 0.95, bias-corrected, Nesterov; 5 Newton-Schulz steps
+with (3.4445, -4.775, 2.0315) in float32 after Frobenius normalisation; lr
+scaled by sqrt(max(1, fan_out / fan_in)) with kernels stored [fan_in,
+fan_out]; no weight decay) on the tensors that were 2-D in their model:
+    token and position tables, the per-head q/k/v biases ([heads, head_dim]
+    each), the FFN kernels, the output kernel;
+and Adam with Nesterov momentum (optax.adamw(nesterov=True): 0.9, 0.999,
+eps 1e-8, bias-corrected, no weight decay) at the same lr on the rest:
+    the q/k/v and attention-output kernels (3-D in Flax), the
+    attention-output, FFN and output biases, all LayerNorm scales and biases.
+torch.optim.Muon is not used: it has no bias correction, decays weights by
+default and refuses the leading seed dimension.
 
 Speed: all seeds of a method train as one batched computation (every weight
 has a leading seed dimension; each seed draws its weights, prompts and
@@ -34,29 +71,15 @@ samples from its own generator, so a seed's run does not depend on how many
 run beside it). Rollouts encode each prompt once and decode one token per
 step from a key/value cache; the update scores every answer token in one
 teacher-forced pass in which a prompt and its K answers share one packed row
-(see answer_logprobs). `--benchmark` times the issue's configuration.
-
-Optimizer: Muon at lr 1e-3 on the tensors the authors' Flax model gave Muon,
-Adam (0.9, 0.999, eps 1e-8, no weight decay) at the same lr on the rest:
-    Muon: token and position embedding tables, the per-head q/k/v biases
-          ([heads, head_dim] each), the FFN kernels, the output kernel;
-    Adam: the q/k/v and attention-output kernels (3-D in Flax), the
-          attention-output, FFN and output biases, all LayerNorm scales and biases.
-Muon here is torch.optim.Muon's update (EMA momentum 0.95 with Nesterov, 5
-Newton-Schulz steps with (3.4445, -4.775, 2.0315) after Frobenius
-normalisation, no weight decay) batched over the seed dimension, with the
-Newton-Schulz product in float32 (optax's; torch uses bfloat16), and the lr
-scaled by sqrt(max(1, fan_out / fan_in)) with kernels stored [fan_in, fan_out]
-as in Flax. Two optax details are not reproduced: its Muon momentum is
-bias-corrected (this changes the mix of gradient and momentum in the first
-few dozen steps only) and recent optax versions give the Adam branch
-Nesterov momentum.
+(see answer_logprobs). `--benchmark` times terminal-reward TPO.
 
 Methods (losses from tpo.py; each episode draws B fresh prompts):
-  tpo_token, grpo_token   dense rewards only: one behaviour answer per prompt,
-        and at each of its H states K next-token candidates drawn from the
-        policy there (with replacement; duplicates stay separate members),
-        each scored by its own token reward. Group = those K candidates,
+  tpo_token, grpo_token   dense rewards only: one behaviour answer per prompt;
+        at each of its H states K tokens are drawn from the policy there
+        (with replacement; duplicates stay separate members), the first of
+        them being the token the answer plays, and each is scored by its own
+        token reward (sequential reward: 0 for every candidate at a state
+        after the behaviour's first mistake). Group = those K draws,
         candidate log-prob = its token log-prob.
   tpo, tpo_no_anchor, grpo, grpo_no_kl, grpo_masked, group_pg   K full answers
         per prompt, score = mean token reward (for terminal reward:
@@ -65,7 +88,8 @@ Methods (losses from tpo.py; each episode draws B fresh prompts):
         a per-token KL (beta 0.04) to the rollout policy, as DeepSeekMath's GRPO.
   ppo, dg, pg   one answer per prompt (the behaviour trajectory); each answer
         token is an action with advantage = its position's reward minus that
-        position's mean over the batch (no critic, SPEC section 4).
+        position's mean over the batch (the paper's transformer PPO has no
+        critic).
 Per-token and per-group losses are means (tpo.py's conventions): TPO averages
 over groups, GRPO, PPO, DG and PG over tokens; group_pg is multiplied by K so
 that, like TPO's cross-entropy, it sums over each group. PPO, the GRPO and TPO
@@ -74,7 +98,9 @@ batch with q, logp_old and the advantages frozen; DG and PG take one.
 --matching interaction (terminal reward) gives ppo, dg and pg B*K prompts per
 step and lr * sqrt(K). The error curve is 1 - mean reward of each episode's own
 training rollouts (token error for dense rewards, exact-match error for
-terminal), as the authors measure it; there is no held-out evaluation.
+terminal; for sequence-level groups over all B*K answers), as the authors measure
+it; there is no held-out evaluation. "Episodes to 1%" is the first episode
+(counted from 0) whose seed-mean error is strictly below 0.01, as theirs.
 """
 
 import argparse
@@ -111,12 +137,15 @@ parser.add_argument("--matching", choices=["prompt", "interaction"], default="pr
                     help="terminal reward: interaction gives ppo/dg/pg B*K prompts per step and lr*sqrt(K) (paper: both)")
 parser.add_argument("--methods", default=None,
                     help="comma list; default tpo_token,grpo_token,dg,ppo (dense) or tpo,grpo,grpo_no_kl,ppo,dg (terminal)")
+parser.add_argument("--optimizer", choices=["muon", "adam"], default="muon",
+                    help="muon: Muon on the authors' 2-D tensors, Adam on the rest (paper); adam: Nesterov Adam on all")
 parser.add_argument("--d-model", type=int, default=64, help="transformer width (paper: 64); FFN is 4x")
 parser.add_argument("--layers", type=int, default=2, help="transformer layers (paper: 2)")
 parser.add_argument("--heads", type=int, default=2, help="attention heads (authors' code: 2; paper's text: 4)")
 parser.add_argument("--seed", type=int, default=0, help="seed i of a run uses generator seed --seed + i")
 parser.add_argument("--threads", type=int, default=0,
-                    help="CPU threads (default: torch's choice, one per core; 1 is faster on a machine shared with other jobs)")
+                    help="CPU threads (default: one per core that other processes leave idle, judged by the load "
+                         "average at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None, help="JSON path (default results/token_tasks_<reward>_<target>.json); PNG beside it")
 parser.add_argument("--resume", action="store_true",
                     help="keep the methods already finished in --out (same settings) and train only the others")
@@ -183,8 +212,11 @@ def init_params(args, gens):
         return torch.nn.init.trunc_normal_(torch.empty(*shape), std=std, a=-2 * std, b=2 * std, generator=g)
 
     def one_seed(g):
+        # Flax's nn.Embed default is N(0, 1/d) for the token table; the authors draw the position table from
+        # N(0, 0.02^2). The position scale decides how fast every method learns per episode (0.125 instead of
+        # 0.02 makes their code reach 1% three times sooner), so it is the authors' value, not 1/sqrt(d).
         p = {"tok_emb": torch.randn(V, d, generator=g) / math.sqrt(d),
-             "pos_emb": torch.randn(2 * args.H, d, generator=g) / math.sqrt(d)}  # the last position is never an input
+             "pos_emb": 0.02 * torch.randn(2 * args.H, d, generator=g)}  # the last position is never an input
         for l in range(L):
             p |= {f"{l}.ln1_g": torch.ones(1, d), f"{l}.ln1_b": torch.zeros(1, d),
                   f"{l}.wqkv": lecun(g, d, d, 3 * d), f"{l}.bqkv": torch.zeros(3, nh, d // nh),
@@ -214,7 +246,7 @@ def block(P, l, h, attend):
     qkv = torch.baddbmm(P[f"{l}.bqkv"].view(S, 1, -1), a, P[f"{l}.wqkv"])
     h = h + torch.baddbmm(P[f"{l}.bo"], attend(l, qkv), P[f"{l}.wo"])
     a = layer_norm(h, P[f"{l}.ln2_g"], P[f"{l}.ln2_b"])
-    a = torch.relu(torch.baddbmm(P[f"{l}.b1"], a, P[f"{l}.w1"]))
+    a = F.gelu(torch.baddbmm(P[f"{l}.b1"], a, P[f"{l}.w1"]), approximate="tanh")  # Flax's nn.gelu default
     return h + torch.baddbmm(P[f"{l}.b2"], a, P[f"{l}.w2"])
 
 
@@ -276,15 +308,16 @@ def answer_logprobs(P, x, y):
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(P, x, gens, n_answers=1, n_candidates=0):
-    """n_answers answers per prompt, and n_candidates extra next-token draws
-    at every state of each answer (the token-level groups).
+def sample(P, x, gens, n_answers=1, n_draws=1):
+    """n_answers answers per prompt, with n_draws tokens drawn at every state.
 
-    x [S, B, H] -> y [S, B*n_answers, H] (a prompt's answers adjacent),
-    cand [S, B*n_answers, H, n_candidates], and lp [S, B*n_answers, H, V],
-    the log-probs each token was drawn from. The prompt is encoded once, its
-    keys and values are copied to its answers' caches, then each step feeds
-    one token.
+    x [S, B, H] -> draws [S, B*n_answers, H, n_draws] (a prompt's answers
+    adjacent) and lp [S, B*n_answers, H, V], the log-probs the tokens were
+    drawn from. Draw 0 is played: the answer continues with it. All n_draws
+    draws of a state, the played one included, are its token-level group, as
+    in the authors' code (K draws per state in all). The prompt is encoded
+    once, its keys and values are copied to its answers' caches, then each
+    step feeds one token.
     """
     S, B, H = x.shape
     N, L, nh = B * n_answers, n_layers(P), P["0.bqkv"].shape[-2]
@@ -307,21 +340,19 @@ def sample(P, x, gens, n_answers=1, n_candidates=0):
     for l in range(L):
         h = block(P, l, h, prefill)
     logits = head(P, h.view(S, B, H, -1)[:, :, -1]).repeat_interleave(n_answers, 1)  # [S, N, V]
-    y = torch.empty(S, N, H, dtype=torch.long)
-    cand = torch.empty(S, N, H, n_candidates, dtype=torch.long)
+    draws = torch.empty(S, N, H, n_draws, dtype=torch.long)
     lp = torch.empty(S, N, H, logits.shape[-1])
     for t in range(H):
         lp[:, :, t] = logits.log_softmax(-1)
         cdf = lp[:, :, t].exp().cumsum(-1)
-        u = per_seed(gens, lambda g: torch.rand(N, 1 + n_candidates, generator=g))
-        draws = (u[..., None] > cdf[:, :, None, :]).sum(-1).clamp(max=cdf.shape[-1] - 1)  # inverse CDF: [S, N, 1+n]
-        y[:, :, t], cand[:, :, t] = draws[..., 0], draws[..., 1:]
+        u = per_seed(gens, lambda g: torch.rand(N, n_draws, generator=g))
+        draws[:, :, t] = (u[..., None] > cdf[:, :, None, :]).sum(-1).clamp(max=cdf.shape[-1] - 1)  # inverse CDF
         if t < H - 1:
-            h = embed(P, y[:, :, t:t + 1], torch.tensor([H + t]))
+            h = embed(P, draws[:, :, t:t + 1, 0], torch.tensor([H + t]))
             for l in range(L):
                 h = block(P, l, h, decode(H + t))
             logits = head(P, h)
-    return y, cand, lp
+    return draws, lp
 
 
 def rollout(P, kind, args, gens, n_prompts):
@@ -329,10 +360,12 @@ def rollout(P, kind, args, gens, n_prompts):
     b = SimpleNamespace(K=args.K if kind == "group" else 1)
     b.x = per_seed(gens, lambda g: torch.randint(args.V, (n_prompts, args.H), generator=g))
     correct = TARGETS[args.target](b.x, args.V).repeat_interleave(b.K, 1)  # the correct answer, per answer
-    b.y, b.cand, _ = sample(P, b.x, gens, n_answers=b.K, n_candidates=args.K if kind == "token" else 0)
+    draws, _ = sample(P, b.x, gens, n_answers=b.K, n_draws=args.K if kind == "token" else 1)
+    b.y = draws[..., 0]
     b.r = REWARDS[args.reward](b.y == correct)
     if kind == "token":
-        b.cand_r = candidate_rewards(args.reward, b.y == correct, b.cand == correct[..., None])  # [S, B, H, K]
+        b.cand = draws  # [S, B, H, K]: the played token and K - 1 more draws from the same state
+        b.cand_r = candidate_rewards(args.reward, b.y == correct, b.cand == correct[..., None])
     if kind == "group":
         b.scores = grouped(b.r.mean(-1), b.K)  # [S, B, K]; terminal: 1 for an exact answer
     return b
@@ -429,15 +462,28 @@ METHODS = {
 
 
 # ---------------------------------------------------------------------------
-# Optimizer: Muon batched over the seed dimension, Adam on the rest
+# Optimizer: optax's Muon batched over the seed dimension, Nesterov Adam on the rest
 # ---------------------------------------------------------------------------
 
-def newton_schulz(G, steps=5, coeffs=(3.4445, -4.775, 2.0315), eps=1e-7):
-    """Approximately orthogonalise each matrix G[..., m, n] (torch.optim.Muon's iteration, batched)."""
+def nesterov_moment(m, g, beta, t):
+    """optax's bias-corrected Nesterov first moment at optimizer step t = 1, 2, ...
+
+        m <- beta m + (1 - beta) g                                (in place)
+        returns  beta m / (1 - beta^(t+1)) + (1 - beta) g / (1 - beta^t)
+
+    The bias correction matters early: at t = 1 the step follows g at full
+    size instead of 5% of it (torch.optim.Muon has no correction).
+    """
+    m.lerp_(g, 1 - beta)
+    return m * (beta / (1 - beta ** (t + 1))) + g * ((1 - beta) / (1 - beta ** t))
+
+
+def newton_schulz(G, steps=5, coeffs=(3.4445, -4.775, 2.0315), eps=1e-8):
+    """Approximately orthogonalise each matrix G[..., m, n] (optax's iteration, batched, in float32)."""
     a, b, c = coeffs
     wide = G.shape[-2] <= G.shape[-1]
     X = G if wide else G.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= 1
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
@@ -445,11 +491,19 @@ def newton_schulz(G, steps=5, coeffs=(3.4445, -4.775, 2.0315), eps=1e-7):
 
 
 @torch.no_grad()
-def muon_step(params, momenta, lr, momentum=0.95):
+def muon_step(params, momenta, lr, t, beta=0.95):
+    """optax.contrib.muon's update (no weight decay), kernels stored [.., fan_in, fan_out] as in Flax."""
     for p, m in zip(params, momenta):
-        m.lerp_(p.grad, 1 - momentum)
-        update = newton_schulz(p.grad.lerp(m, momentum))  # Nesterov
+        update = newton_schulz(nesterov_moment(m, p.grad, beta, t))
         p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[-1] / p.shape[-2])))
+
+
+@torch.no_grad()
+def adam_step(params, moments, lr, t, b1=0.9, b2=0.999, eps=1e-8):
+    """optax.adamw(nesterov=True, weight_decay=0): the branch optax's Muon gives non-matrix tensors."""
+    for p, (m, v) in zip(params, moments):
+        v.lerp_(p.grad.square(), 1 - b2)
+        p.addcdiv_(nesterov_moment(m, p.grad, b1, t), (v / (1 - b2 ** t)).sqrt_().add_(eps), value=-lr)
 
 
 # ---------------------------------------------------------------------------
@@ -486,10 +540,12 @@ def train(method, args, seeds, progress=False):
     single_interaction = kind == "single" and args.matching == "interaction"
     n_prompts = args.B * args.K if single_interaction else args.B
     lr = args.lr * math.sqrt(args.K) if single_interaction else args.lr
-    muon = [p for k, p in P.items() if k.split(".")[-1] in MUON]
-    adam = torch.optim.Adam([p for k, p in P.items() if k.split(".")[-1] not in MUON],
-                            lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    on_muon = lambda k: args.optimizer == "muon" and k.split(".")[-1] in MUON
+    muon = [p for k, p in P.items() if on_muon(k)]
+    adam = [p for k, p in P.items() if not on_muon(k)]
     momenta = [torch.zeros_like(p) for p in muon]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in adam]
+    t = 0  # optimizer steps taken, for the bias corrections
     log = {"error": [], "grad_norm": [], "all_fail": [], "target_mass": []}
     t0, every = time.time(), max(1, args.episodes // 10)
     for episode in range(args.episodes):
@@ -504,8 +560,9 @@ def train(method, args, seeds, progress=False):
             loss.backward()
             if epoch == 0:
                 grad_norm = torch.stack([p.grad.flatten(1).square().sum(1) for p in P.values()]).sum(0).sqrt()
-            muon_step(muon, momenta, lr)
-            adam.step()
+            t += 1
+            muon_step(muon, momenta, lr, t)
+            adam_step(adam, moments, lr, t)
         reward = b.r[..., 0] if args.reward == "terminal" else b.r  # exact match, or per token
         log["error"].append(1 - reward.flatten(1).mean(1))
         log["grad_norm"].append(grad_norm)
@@ -515,6 +572,16 @@ def train(method, args, seeds, progress=False):
             print(f"  {method} episode {episode + 1}/{args.episodes}: error {float(log['error'][-1].mean()):.4f} "
                   f"(mean over {S} seeds), {time.time() - t0:.0f}s", flush=True)
     return {k: torch.stack(v, 1) if v[0] is not None else None for k, v in log.items()}
+
+
+def idle_cores():
+    """Cores not already busy (cores minus the 1-minute load average), at least 1, at most torch's default.
+
+    torch's intra-op threads wait for each other at every operation, so one thread on a core that another
+    job is using holds all of them back: on a shared machine fewer threads finish sooner.
+    """
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 def fail(msg):
@@ -567,7 +634,7 @@ def load_finished(out, config):
 
 
 def first_below(curve, level=0.01):
-    hit = (curve <= level).nonzero()
+    hit = (curve < level).nonzero()  # strictly below, as the authors count
     return int(hit[0]) if len(hit) else None
 
 
@@ -596,7 +663,7 @@ def report(results, args):
     print(f"\n{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
           f"{args.matching}-matched, {args.seeds} seeds, {args.episodes} episodes")
     print(f"({unit} = 1 - mean reward of the episode's own rollouts; final = mean of the last 5% of episodes, "
-          "mean ± standard error over seeds; episodes to 1% = first episode whose seed-mean error is <= 0.01; "
+          "mean ± standard error over seeds; episodes to 1% = first episode (from 0) whose seed-mean error is below 0.01; "
           "grad norm and all-fail groups: seed mean, first 5% -> last 5% of episodes)")
     print(f"{'method':14s} {'final error':>20s} {'episodes to 1%':>15s} {'grad norm':>18s} {'all-fail groups':>16s}")
     n = max(1, round(0.05 * args.episodes))
@@ -612,8 +679,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.report:
         return reprint(args.report)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or idle_cores())
     if args.benchmark:
         return benchmark()
     methods = check_args(args)
@@ -624,6 +690,8 @@ def main(argv=None):
     config = {k: v for k, v in vars(args).items() if k not in not_settings}
     results = load_finished(out, config) if args.resume else {}
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    print(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}: {', '.join(methods)}, {args.seeds} seeds x "
+          f"{args.episodes} episodes on {torch.get_num_threads()} CPU thread(s)", flush=True)
     for i, m in enumerate(methods):
         if m in results:
             print(f"[{i + 1}/{len(methods)}] {m}: kept from {out}", flush=True)
