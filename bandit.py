@@ -1,4 +1,4 @@
-"""Tabular bandits: SPEC section 2 (the paper's first experiment family).
+"""Tabular bandits: paper §2 (its first experiment family).
 
 The policy is an explicit table of logits and every method takes normalized
 steps on it directly, logits += alpha * g / ||g||, with no optimizer, so the
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -54,6 +55,11 @@ parser.add_argument("--baseline", type=float, default=0.5,
                     help="single: constant baseline in A = r - b for PG, DG and TPO's scores (authors' code: 0.5)")
 parser.add_argument("--seed", type=int, default=0, help="base random seed")
 parser.add_argument("--out", default=None, help="JSON path (default: results/bandit_<setting>.json); the PNG goes beside it")
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------
@@ -207,21 +213,24 @@ def first_below(curve, level=0.01):
 def main(argv=None):
     args = parser.parse_args(argv)
     single = args.setting == "single"
-    args.arms = args.arms or (100 if single else 10)
-    args.steps = args.steps or (300 if single else 1000)
+    # not `or`: an explicit 0 must be refused below, not silently replaced by the default
+    if args.arms is None:
+        args.arms = 100 if single else 10
+    if args.steps is None:
+        args.steps = 300 if single else 1000
     default_methods = "pg,dg,grpo,tpo" if single else "ce,pg,dg,grpo,tpo"
     methods = (args.methods or default_methods).split(",")
     known = SINGLE if single else BETA
     bad = [m for m in methods if m not in known]
     if bad:
-        parser.error(f"unknown method(s) {bad} for --setting {args.setting}; choose from {sorted(known)}")
+        fail(f"unknown method(s) {bad} for --setting {args.setting}; choose from {sorted(known)}")
     for name in ("seeds", "steps", "samples", "contexts"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            fail(f"--{name} must be at least 1")
     if args.arms < 2:
-        parser.error("--arms must be at least 2")
+        fail("--arms must be at least 2")
     if not (args.alpha > 0 and args.eta > 0):
-        parser.error("--alpha and --eta must be positive")
+        fail("--alpha and --eta must be positive")
     out = args.out or os.path.join("results", f"bandit_{args.setting}.json")
 
     results = {}

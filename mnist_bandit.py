@@ -1,4 +1,4 @@
-"""MNIST as a contextual bandit: SPEC section 3.
+"""MNIST as a contextual bandit: paper §3.
 
 The learner sees an image, samples one class from its policy and is told
 only whether it was right (reward 1{a = y}); the label itself is never shown
@@ -7,6 +7,10 @@ to the RL methods. Only the CE oracle trains on labels.
     python mnist_bandit.py                                    # real MNIST through `datasets` (needs the hub)
     python mnist_bandit.py --data-dir /usr/share/datasets/fashion-mnist    # any folder of the 4 gzipped IDX files
     python mnist_bandit.py --data-dir DIR --mechanism         # also the paper's Fig. 4b analysis at step 2,000
+
+Results are named after the dataset unless --out says otherwise: MNIST goes to
+results/mnist_bandit.json, the folder fashion-mnist to
+results/fashion_mnist_bandit.json, each with a .png (and _mechanism.png) beside it.
 
 Paper settings as defaults: a 784-50-50-10 ReLU MLP (Flax's default
 initialisation: truncated-normal LeCun weights, zero biases), Adam at 1e-3,
@@ -25,8 +29,8 @@ Methods (losses from tpo.py), with A = r - b and b = sum_a pi(a)^2:
             elsewhere, standardized over the classes, q = softmax(log pi + u)
   group_pg  the same standardized scores as scalar weights, -sum_c u_c log pi(c)
 
-The mechanism analysis (--mechanism) is our reading of the paper's Fig. 4b;
-SPEC.md does not give Appendix C's formulas, see `mechanism()` below.
+The mechanism analysis (--mechanism) is our reading of the paper's Fig. 4b,
+whose numbers we know but not Appendix C's formulas; see `mechanism()` below.
 """
 
 import argparse
@@ -60,7 +64,8 @@ parser.add_argument("--data-dir", default=None, help="folder with train/t10k ima
 parser.add_argument("--mechanism", action="store_true", help="also run the Fig. 4b analysis at --mechanism-step")
 parser.add_argument("--mechanism-step", type=int, default=2000, help="step of the Fig. 4b analysis (paper: 2,000)")
 parser.add_argument("--seed", type=int, default=0, help="base random seed")
-parser.add_argument("--out", default="results/mnist_bandit.json", help="JSON path; the PNGs go beside it")
+parser.add_argument("--out", default=None,
+                    help="JSON path (default: results/<dataset>_bandit.json, e.g. fashion_mnist_bandit.json); the PNGs go beside it")
 parser.add_argument("--threshold", type=float, default=0.05, help="the table's 'step to X error' column (paper: 5%%)")
 parser.add_argument("--report", default=None, metavar="JSON", help="reprint the table and redraw the plots of a finished run; no training")
 
@@ -224,7 +229,7 @@ def mechanism(method, logits, y, args, bins):
     image with pi_y kept and the wrong-class mass spread evenly, (1 - pi_y) / 9
     each: what the method does when it only knows right from wrong. The
     surplus is what it gains from the wrong mass being concentrated. This is
-    our reading of the paper's Fig. 4b: SPEC.md gives its numbers but not
+    our reading of the paper's Fig. 4b: we know its numbers but not
     Appendix C's formulas.
     """
     wrong = logits.argmax(-1) != y
@@ -314,21 +319,24 @@ def main(argv=None):
     methods = args.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        parser.error(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
+        fail(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
     for name in ("steps", "seeds", "batch_size", "eval_every", "hidden"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.mechanism and not 0 <= args.mechanism_step <= args.steps:
-        parser.error("--mechanism-step must lie within --steps")
+        fail("--mechanism-step must lie within --steps")
     if args.report:
         with open(args.report) as f:
             saved = json.load(f)
         config = argparse.Namespace(**{**saved["config"], "threshold": args.threshold, "out": args.report})
         report(saved["methods"], config)
-        plot(saved["methods"], config, saved["config"]["dataset"])
+        pngs = plot(saved["methods"], config, saved["config"]["dataset"])
+        print(f"\nwrote {and_list(pngs)}")
         return saved["methods"]
     data = load_data(args.data_dir)
     dataset = os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else "mnist"
+    # a Fashion-MNIST run must not be filed as an MNIST result
+    args.out = args.out or os.path.join("results", f"{dataset.replace('-', '_')}_bandit.json")
     print(f"data: {dataset}, {len(data[0])} train / {len(data[2])} test images")
 
     results = {}
@@ -353,8 +361,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "methods": results}, f)
-    plot(results, args, dataset)
-    print(f"\nwrote {args.out} and its PNG(s)")
+    pngs = plot(results, args, dataset)
+    print(f"\nwrote {and_list([args.out] + pngs)}")
     return results
 
 
@@ -381,12 +389,18 @@ def report(results, args):
 # Report
 # ---------------------------------------------------------------------------
 
+def and_list(paths):
+    return ", ".join(paths[:-1]) + " and " + paths[-1] if len(paths) > 1 else paths[0]
+
+
 def plot(results, args, dataset):
+    """Draw the test-error curves and, where there is data, the mechanism; return the PNG paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base = os.path.splitext(args.out)[0]
+    paths = [base + ".png"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for m, r in results.items():
         ax.plot(r["steps"], r["test_error_mean"], label=m)
@@ -394,9 +408,10 @@ def plot(results, args, dataset):
     ax.axhline(args.threshold, color="grey", lw=0.5, ls=":")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(base + ".png", dpi=110)
+    fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    mech = {m: r["mechanism"] for m, r in results.items() if r["mechanism"]}
+    # a method with no misclassified test image has no point to draw and gets no legend entry
+    mech = {m: r["mechanism"] for m, r in results.items() if r["mechanism"] and any(x["images"] for x in r["mechanism"])}
     if mech:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         centres = [(b0 + b1) / 2 for b0, b1 in zip(MECH_BINS[:-1], MECH_BINS[1:])]
@@ -407,8 +422,10 @@ def plot(results, args, dataset):
                title=f"{dataset}, step {args.mechanism_step}, misclassified test images")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(base + "_mechanism.png", dpi=110)
+        paths.append(base + "_mechanism.png")
+        fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    return paths
 
 
 if __name__ == "__main__":

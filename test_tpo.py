@@ -56,6 +56,27 @@ def test_informative_groups_flags_all_equal_groups():
     assert tpo.informative_groups(s).tolist() == [False, True, False]
 
 
+def test_standardize_is_shift_invariant_at_large_offsets():
+    s = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 3.0, 1.0, 2.0]], dtype=torch.float64)
+    for dtype, shifts in ((torch.float64, (1e7, 1e10, -1e12)), (torch.float32, (1e3, 1e5, 1e6))):
+        for a, b in ((1.0, 0.0), (1.0, 1.0), (2.0, 0.0)):
+            for shift in shifts:  # every shifted score is exactly representable, so u must not change
+                torch.testing.assert_close(tpo.standardize((a * s + shift).to(dtype)), tpo.standardize(s.to(dtype)))
+    assert tpo.informative_groups(torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=torch.float64) + 1e7).item()
+
+
+def test_equal_but_unrepresentable_scores_are_flat_for_every_group_size():
+    for dtype in (torch.float32, torch.float64):
+        for v in (0.65, 0.3, 0.01, 1 / 3):
+            for K in range(2, 65):
+                s = torch.full((K,), v, dtype=dtype)
+                assert torch.equal(tpo.standardize(s), torch.zeros(K, dtype=dtype)), (dtype, v, K)
+                assert torch.equal(tpo.group_advantages(s), torch.zeros(K, dtype=dtype)), (dtype, v, K)
+                assert not tpo.informative_groups(s[None]).item()
+    # a reward computed along two paths differs in the last place; that is not a preference
+    assert torch.equal(tpo.standardize(torch.tensor([0.1 + 0.2, 0.3, 0.3], dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+
+
 # ---------------------------------------------------------------------------
 # tpo.py: target and loss
 # ---------------------------------------------------------------------------
@@ -242,6 +263,66 @@ def test_grpo_masked_drops_all_equal_groups():
     torch.testing.assert_close(masked, only_second)
 
 
+def test_grpo_masked_is_the_mean_over_informative_groups_only():
+    # 10 groups of K = 4, one informative; the 9 flat ones score 0.65, which float32 cannot represent.
+    r = torch.full((10, 4), 0.65)
+    r[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    A, keep = tpo.group_advantages(r), tpo.informative_groups(r)[:, None].expand(10, 4)
+    logp, logp_old = torch.randn(10, 4) * 0.3, torch.randn(10, 4) * 0.3
+    plain = tpo.grpo_loss(logp, logp_old, A, beta=0.0)
+    masked = tpo.grpo_loss(logp, logp_old, A, beta=0.0, mask=keep)
+    torch.testing.assert_close(masked, plain * 10)  # N / N_inf = 10: flat groups add 0 to the sum, not to the count
+    kl_informative = (torch.exp(-(logp - logp_old)) + (logp - logp_old) - 1)[0].mean()
+    torch.testing.assert_close(tpo.grpo_loss(logp, logp_old, A, mask=keep), plain * 10 + 0.04 * kl_informative)
+
+
+def test_kl_penalty_and_masked_mean_keep_small_values_in_bfloat16():
+    d = 0.015625  # exact in bfloat16; KL = exp(-d) + d - 1 = 1.2e-4, which bfloat16 arithmetic rounds to 0
+    k = tpo.kl_penalty(torch.tensor([-1.0], dtype=torch.bfloat16), torch.tensor([-1.0 - d], dtype=torch.bfloat16))
+    assert k.dtype == torch.float32 and k.item() == pytest.approx(math.expm1(-d) + d, rel=1e-4)
+    x = torch.tensor([1.0] * 256 + [3.0], dtype=torch.bfloat16)  # 259 / 257: bfloat16 rounds both to 260 / 256
+    mean = tpo.masked_mean(x, torch.ones(257, dtype=torch.bool))
+    assert mean.dtype == torch.float32 and mean.item() == pytest.approx(259 / 257, rel=1e-6)
+    assert tpo.masked_mean(x).dtype == torch.float32
+
+
+def test_ppo_pushes_back_a_ratio_far_above_one_when_A_is_negative():
+    for dtype in (torch.float32, torch.float64):
+        logp = torch.tensor([30.0], dtype=dtype, requires_grad=True)
+        tpo.ppo_loss(logp, torch.zeros(1, dtype=dtype), -torch.ones(1, dtype=dtype)).backward()
+        assert logp.grad.item() == pytest.approx(math.exp(30), rel=1e-5)  # d(-rho A)/d logp = rho for A = -1
+    # past exp's range the value is capped, the gradient still pushes back, and nothing overflows
+    logp = torch.tensor([1000.0, 0.0], requires_grad=True)
+    loss = tpo.ppo_loss(logp, torch.zeros(2), torch.tensor([-1.0, 1.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and logp.grad[0].item() == pytest.approx(math.exp(math.log(torch.finfo(torch.float32).max) - 20) / 2, rel=1e-4)
+    # far below 1 with A > 0 the unclipped branch is active too: its gradient is rho A, tiny but exact
+    logp = torch.tensor([-30.0], dtype=torch.float64, requires_grad=True)
+    tpo.ppo_loss(logp, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)).backward()
+    assert logp.grad.item() == pytest.approx(-math.exp(-30), rel=1e-9)
+
+
+def test_losses_name_scores_and_logp_when_their_shapes_differ():
+    logp = torch.zeros(2, 4)
+    for fn in (lambda: tpo.tpo_loss(logp, logp, torch.zeros(2, 3)),
+               lambda: tpo.group_pg_loss(logp, torch.zeros(4, 2))):
+        with pytest.raises(ValueError, match=r"got scores \(\d, \d\) and logp \(2, 4\)"):
+            fn()
+    with pytest.raises(ValueError, match=r"got logp_old \(2, 3\) and logp \(2, 4\)"):
+        tpo.tpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# This machine has only the CPU; the test runs wherever CUDA is present.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_losses_move_cpu_scores_to_the_logprobs_device():
+    logp = torch.randn(3, 4, device="cuda", requires_grad=True)
+    scores, old, ref = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)  # on the CPU, as rewards usually are
+    for loss in (tpo.tpo_loss(logp, old, scores), tpo.group_pg_loss(logp, scores), tpo.pg_loss(logp, scores),
+                 tpo.dg_loss(logp, scores), tpo.grpo_loss(logp, old, tpo.group_advantages(scores), logp_ref=ref)):
+        assert loss.device == logp.device
+        torch.autograd.grad(loss, logp)
+
+
 # ---------------------------------------------------------------------------
 # bandit.py
 # ---------------------------------------------------------------------------
@@ -275,6 +356,19 @@ def test_bandit_multi_exact_updates_match_closed_forms(tmp_path):
 def test_bandit_rejects_unknown_method():
     with pytest.raises(SystemExit):
         bandit.main(["--setting", "single", "--methods", "tpo,ce"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "error: --steps must be at least 1"),
+    (["--steps", "-3"], "error: --steps must be at least 1"),
+    (["--seeds", "0"], "error: --seeds must be at least 1"),
+    (["--arms", "0"], "error: --arms must be at least 2"),
+])
+def test_bandit_refuses_sizes_below_one_in_one_sentence(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bandit.main(["--setting", "multi", "--methods", "ce", "--seeds", "1", "--out", str(tmp_path / "b.json")] + argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == message
 
 
 # ---------------------------------------------------------------------------
@@ -360,6 +454,45 @@ def test_mnist_tpo_single_action_update_matches_closed_form():
             assert direction[y] > 0 and (direction[torch.arange(10) != 2] < 0).all()  # pulls toward the label
         else:
             assert direction[a] < 0 and (direction[torch.arange(10) != a] > 0).all()  # suppresses the sampled class
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "error: --steps must be at least 1"),
+    (["--eval-every", "0"], "error: --eval-every must be at least 1"),
+    (["--batch-size", "-1"], "error: --batch-size must be at least 1"),
+])
+def test_mnist_refuses_sizes_below_one_in_one_sentence(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        mnist_bandit.main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_mnist_outputs_are_named_after_the_dataset_and_listed(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fashion-mnist").mkdir()
+    data = write_toy_digits(str(tmp_path / "fashion-mnist"), n_train=50, n_test=20)
+    monkeypatch.chdir(tmp_path)
+    mnist_bandit.main(["--data-dir", data, "--methods", "tpo", "--steps", "2", "--seeds", "1", "--eval-every", "1",
+                       "--mechanism", "--mechanism-step", "0"])
+    base = os.path.join("results", "fashion_mnist_bandit")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {base}.json, {base}.png and {base}_mechanism.png"
+    for suffix in (".json", ".png", "_mechanism.png"):
+        assert (tmp_path / (base + suffix)).exists()
+
+
+def test_mnist_mechanism_plot_shows_only_methods_with_data(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    empty = [{"bin": [b0, b1], "images": 0, "gain_mean": None, "surplus_mean": None}
+             for b0, b1 in zip(mnist_bandit.MECH_BINS[:-1], mnist_bandit.MECH_BINS[1:])]
+    full = [{**row, "images": 3, "gain_mean": 0.1, "surplus_mean": 0.01} for row in empty]
+    curve = {"steps": [0, 10], "test_error_mean": [0.9, 0.5]}
+    args = SimpleNamespace(out=str(tmp_path / "r.json"), seeds=1, threshold=0.05, mechanism_step=0)
+    paths = mnist_bandit.plot({"tpo": {**curve, "mechanism": full}, "dg": {**curve, "mechanism": empty}}, args, "toy")
+    assert paths == [str(tmp_path / "r.png"), str(tmp_path / "r_mechanism.png")]
+    assert [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()] == ["tpo"]
+    assert mnist_bandit.plot({"dg": {**curve, "mechanism": empty}}, args, "toy") == [str(tmp_path / "r.png")]
 
 
 # ---------------------------------------------------------------------------

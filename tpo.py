@@ -5,7 +5,7 @@ place where the method is written down. Notation follows the paper: a group of
 K candidates y_1..y_K for one context, their scores s, standardized scores u,
 the rollout-time policy p_old, the target q and the temperature eta.
 
-TPO in three lines (SPEC section 1):
+TPO in three lines:
     u = standardize(s)                              population std over the group
     q = softmax(log_softmax(logp_old) + u / eta)    q ∝ p_old · exp(u / eta)
     L = -sum_i q_i log softmax(logp)_i              q fixed; dL/dlogits = p - q
@@ -17,18 +17,36 @@ Conventions shared by every function below:
     padded entries, so groups of unequal size can share one tensor.
   * Inputs may be float64, float32, float16 or bfloat16; arithmetic is done in
     at least float32 and the result has that dtype.
+  * Scores, advantages and old or reference log-probs are moved to the device
+    of the current log-probs; scores must have exactly logp's shape (one per
+    candidate), advantages need only broadcast against it.
+  * One zero-variance rule (FLAT_EPS below) decides which groups are "all
+    scored alike"; `standardize` and `group_advantages` give them exactly 0.
   * Losses return a scalar averaged as their docstring says, ready for
     `.backward()`.
 """
 
+import math
+
 import torch
 
-# A group counts as "all scored alike" when its population std is at most
-# ZERO_STD_RTOL times the largest |score| in it. The threshold is relative, so
-# standardize(a*s + b) == standardize(s) for a > 0 up to float rounding, and
-# 1e-6 sits above float32 rounding noise (about 1.2e-7 relative) for groups of
-# identical scores whose mean is not exactly representable.
-ZERO_STD_RTOL = 1e-6
+# A group counts as "all scored alike" (flat) when its scores span at most
+# FLAT_EPS machine epsilons of their dtype relative to the largest |score|:
+#
+#     max(s) - min(s) <= FLAT_EPS * torch.finfo(s.dtype).eps * max|s|
+#
+# The test is on the range, not on the computed std, because a group of equal
+# scores whose value float cannot represent (0.65, 0.3, 1/3, ...) still gets a
+# rounding std of about one ulp from its rounded mean, and dividing by that
+# turns nothing into a full-size preference. The range of equal scores is
+# exactly 0 whatever K and however the mean rounds. The tolerance of 4 eps
+# (4-8 ulps of the largest score) absorbs the few ulps by which a reward
+# computed along two paths can differ (0.1 + 0.2 vs 0.3), and it scales with
+# the data, so standardize(a*s + b) == standardize(s) for a > 0 as long as
+# a*s + b keeps the scores more than those few ulps apart (float64: shifts up
+# to about 1e14 for scores 1 apart; float32: about 1e6). eps is that of the
+# dtype the scores arrive in: that is the precision they were computed at.
+FLAT_EPS = 4.0
 
 
 def _compute_dtype(x):
@@ -43,12 +61,23 @@ def _as_mask(mask, like):
     return mask.to(device=like.device, dtype=torch.bool)
 
 
+def _like(x, logp, name):
+    """x on logp's device, refused unless it has logp's shape (one entry per candidate)."""
+    if x.shape != logp.shape:
+        raise ValueError(f"{name} and logp must have the same shape, one entry per candidate; "
+                         f"got {name} {tuple(x.shape)} and logp {tuple(logp.shape)}")
+    return x.to(logp.device)
+
+
 def masked_mean(x, mask=None):
-    """mean of x over the entries where mask is True (all entries if mask is None).
+    """mean of x over the entries where mask is True (all entries if mask is None):
+
+        sum_i m_i x_i / max(1, sum_i m_i)
 
     Returns 0 (not NaN) when the mask selects nothing, so an all-padding batch
     contributes no gradient instead of poisoning the step.
     """
+    x = x.to(_compute_dtype(x))  # a bfloat16 sum of many small terms rounds them away
     if mask is None:
         return x.mean()
     m = mask.to(x.dtype)
@@ -56,33 +85,46 @@ def masked_mean(x, mask=None):
 
 
 def _centre(x, mask, dim, what):
-    """(x with padding zeroed, x - mean, population std) over the real entries of dim."""
+    """(x - mean, population std, flat) over the real entries of dim:
+
+        dev_i = m_i (x_i - mean),  std = sqrt(sum_i dev_i^2 / n),  n = sum_i m_i
+        flat  = max(x) - min(x) <= FLAT_EPS · eps(dtype of x) · max|x|
+
+    flat is the one zero-variance rule of this module (see FLAT_EPS); padded
+    entries get dev = 0 and a fully padded group is flat.
+    """
+    eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0  # integer scores are exact
     x = x.to(_compute_dtype(x))
     m = _as_mask(mask, x)
     if not torch.isfinite(x[m]).all():
         raise ValueError(f"{what} contain NaN or infinite values; check the reward function")
+    spread = x.masked_fill(~m, float("-inf")).amax(dim, keepdim=True) - x.masked_fill(~m, float("inf")).amin(dim, keepdim=True)
     x = x.masked_fill(~m, 0.0)
+    flat = spread <= FLAT_EPS * eps * x.abs().amax(dim, keepdim=True)
     w = m.to(x.dtype)
     n = w.sum(dim, keepdim=True).clamp(min=1)
     dev = (x - x.sum(dim, keepdim=True) / n) * w
-    return x, dev, (dev.square().sum(dim, keepdim=True) / n).sqrt()
+    return dev, (dev.square().sum(dim, keepdim=True) / n).sqrt(), flat
+
+
+def _unless_flat(dev, denom, flat):
+    """dev / denom, and exactly 0 in flat groups (whose denom may be a rounding residue)."""
+    return torch.where(flat, torch.zeros_like(dev), dev / torch.where(flat, torch.ones_like(denom), denom))
 
 
 def standardize(scores, dim=-1, mask=None):
     """Within-group z-scores: u_i = (s_i - mean(s)) / std(s).
 
     std is the *population* standard deviation (divide by K, not K - 1), as in
-    the paper. A group whose std is at most ZERO_STD_RTOL * max|s| (all
-    candidates scored alike) maps to u = 0: it carries no preference. Masked
-    entries are left out of the mean and std and get u = 0.
+    the paper. A flat group, max(s) - min(s) <= FLAT_EPS · eps · max|s| (all
+    candidates scored alike, see FLAT_EPS), maps to u = 0: it carries no
+    preference. Masked entries are left out of the mean and std and get u = 0.
 
     Raises ValueError if a (non-masked) score is NaN or infinite: a broken
     reward function must stop the run, not silently zero a group.
     """
-    s, dev, std = _centre(scores, mask, dim, "scores")
-    scale = s.abs().amax(dim, keepdim=True)
-    flat = std <= ZERO_STD_RTOL * scale
-    return torch.where(flat, torch.zeros_like(dev), dev / torch.where(flat, torch.ones_like(std), std))
+    dev, std, flat = _centre(scores, mask, dim, "scores")
+    return _unless_flat(dev, std, flat)
 
 
 def informative_groups(scores, mask=None):
@@ -91,8 +133,7 @@ def informative_groups(scores, mask=None):
     Shape: scores.shape[:-1]. Used for GRPO (masked), which drops such groups,
     and for logging the fraction of groups that carry no signal.
     """
-    u = standardize(scores, mask=mask)
-    return (u != 0).any(-1)
+    return ~_centre(scores, mask, -1, "scores")[2][..., 0]
 
 
 def tpo_target(logp_old, u, eta=1.0, mask=None):
@@ -134,7 +175,8 @@ def tpo_loss(logp, logp_old, scores, eta=1.0, anchor=True, mask=None):
     Groups with no real candidate (all masked) are left out of the mean.
     """
     m = _as_mask(mask, logp)
-    u = standardize(scores, mask=m)
+    logp_old = _like(logp_old, logp, "logp_old")
+    u = standardize(_like(scores, logp, "scores"), mask=m)
     prior = logp_old if anchor else torch.zeros_like(logp_old)
     q = tpo_target(prior.detach(), u, eta, mask=m)  # the target, not a path for gradients
     logp_theta = torch.log_softmax(logp.to(_compute_dtype(logp)).masked_fill(~m, float("-inf")), -1)
@@ -145,18 +187,21 @@ def tpo_loss(logp, logp_old, scores, eta=1.0, anchor=True, mask=None):
 def group_advantages(rewards, eps=1e-8, mask=None):
     """GRPO's group z-score: A_i = (r_i - mean(r)) / (std(r) + eps).
 
-    Population std over the last dimension. Unlike `standardize`, a group of
-    equal rewards gives A = 0 through the numerator, with eps (1e-8, the
-    paper's) only guarding the division. Masked entries get A = 0.
+    Population std over the last dimension, with the paper's eps = 1e-8 in
+    the division. A flat group (all rewards alike, the same rule as
+    `standardize`) gets A = 0 exactly: its numerator is only the rounding of
+    the mean when the reward is not representable (0.65, 0.3, ...), and
+    dividing that by its own rounding std + 1e-8 would give every member the
+    same spurious advantage of order 1. Masked entries get A = 0.
     """
-    _, dev, std = _centre(rewards, mask, -1, "rewards")
-    return dev / (std + eps)
+    dev, std, flat = _centre(rewards, mask, -1, "rewards")
+    return _unless_flat(dev, std + eps, flat)
 
 
 def pg_loss(logp, advantages, mask=None):
     """REINFORCE: L = mean of -A · log pi(a), with A = reward - baseline held fixed."""
     logp = logp.to(_compute_dtype(logp))
-    return masked_mean(-advantages.detach().to(logp.dtype) * logp, mask)
+    return masked_mean(-advantages.detach().to(logp.device, logp.dtype) * logp, mask)
 
 
 def group_pg_loss(logp, scores, mask=None):
@@ -167,7 +212,7 @@ def group_pg_loss(logp, scores, mask=None):
 
     It isolates what target matching adds over using the same u as weights.
     """
-    return pg_loss(logp, standardize(scores, mask=mask), mask)
+    return pg_loss(logp, standardize(_like(scores, logp, "scores"), mask=mask), mask)
 
 
 def dg_loss(logp, advantages, eta=1.0, mask=None):
@@ -181,9 +226,14 @@ def dg_loss(logp, advantages, eta=1.0, mask=None):
     gradient epoch only, as it diverges with more.
     """
     logp = logp.to(_compute_dtype(logp))
-    A = advantages.detach().to(logp.dtype)
+    A = advantages.detach().to(logp.device, logp.dtype)
     w = torch.sigmoid(A * (-logp.detach()) / eta) * A
     return masked_mean(-w * logp, mask)
+
+
+def _log_ratio_bound(dtype):
+    """The largest log-ratio whose exp still leaves e^20 of headroom in dtype."""
+    return math.log(torch.finfo(dtype).max) - 20.0
 
 
 def ppo_loss(logp, logp_old, advantages, clip_eps=0.2, mask=None):
@@ -192,14 +242,23 @@ def ppo_loss(logp, logp_old, advantages, clip_eps=0.2, mask=None):
         rho = exp(logp - logp_old)
         L   = mean of -min(rho · A, clip(rho, 1 - eps, 1 + eps) · A)
 
-    The log-ratio is clamped to [-20, 20] before exp so that sequence
-    log-probs far apart stay finite; far outside [1 - eps, 1 + eps] this does
-    not change which branch min() takes. The paper's epsilon is 0.2.
+    Where the unclipped branch is the smaller (A < 0 and rho > 1 + eps, or
+    A > 0 and rho < 1 - eps) its gradient is -rho · A · grad logp, however far
+    the ratio has moved: a sample whose probability has grown 1e13-fold
+    (log-ratio 30) while A < 0 is pushed back hard, not ignored. The log-ratio
+    is not clamped below (rho underflows to 0, which is the exact limit).
+    Above, exp would overflow (float32: log-ratio > 88.7), so the log-ratio's
+    value is capped at log(largest float) - 20 (float32: 68.7, float64: 689.8)
+    while its gradient passes through unchanged: beyond the cap the sample is
+    still pushed back, with the cap's weight e^68.7 · |A|, and e^20 of headroom
+    keeps a batch mean of up to ~1e6 such terms with |A| up to ~100 finite.
+    The paper's epsilon is 0.2.
     """
     logp = logp.to(_compute_dtype(logp))
-    A = advantages.detach().to(logp.dtype)
-    log_ratio = (logp - logp_old.detach().to(logp.dtype)).clamp(-20.0, 20.0)
-    rho = log_ratio.exp()
+    A = advantages.detach().to(logp.device, logp.dtype)
+    log_ratio = logp - logp_old.detach().to(logp.device, logp.dtype)
+    over = (log_ratio - _log_ratio_bound(logp.dtype)).clamp(min=0).detach()
+    rho = (log_ratio - over).exp()  # capped value, uncapped gradient path
     surrogate = torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A)
     return masked_mean(-surrogate, mask)
 
@@ -213,10 +272,13 @@ def kl_penalty(logp, logp_ref):
     a loss with the samples held fixed, as GRPO does, its expected gradient
     is that of KL(ref || pi): E_pi[(1 - ref/pi) grad log pi] = -sum ref grad log pi.
     Either way it is zero where pi = ref, so the penalty acts only once the
-    policy has moved.
+    policy has moved. Computed in at least float32 as expm1(-d) + d: k is
+    about d^2 / 2, which exp(-d) + d - 1 in bfloat16 rounds to 0 for
+    |d| < 0.03 (KL < 4e-4).
     """
-    d = (logp - logp_ref.detach().to(logp.dtype)).clamp(-20.0, 20.0)
-    return torch.exp(-d) + d - 1
+    logp = logp.to(_compute_dtype(logp))
+    d = (logp - logp_ref.detach().to(logp.device, logp.dtype)).clamp(-20.0, 20.0)
+    return torch.expm1(-d) + d
 
 
 def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None, mask=None):
@@ -228,8 +290,22 @@ def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None
     with A from `group_advantages`, k from `kl_penalty`, and the reference
     policy the rollout policy unless `logp_ref` is given (the LLM trainer
     passes the initial model). Paper defaults: beta = 0.04, eps = 0.2;
-    "GRPO (no KL)" is beta = 0. "GRPO (masked)" passes a mask that also
-    drops the groups whose rewards are all equal (see `informative_groups`).
+    "GRPO (no KL)" is beta = 0.
+
+    "GRPO (masked)" passes a mask that also drops the flat groups (rewards
+    all alike, see `informative_groups`). Both terms are then means over the
+    entries of the N_inf informative groups only, not over all N groups:
+
+        L_masked = (N / N_inf) · surrogate part of L  +  beta · mean KL over informative entries
+
+    Flat groups already have A = 0, so their surrogate is 0 and masking
+    changes GRPO in exactly two ways, both deliberate: the step on the
+    informative groups grows by N / N_inf (x10 when 90% of groups fail, as
+    early in the terminal-reward runs), and the flat groups' KL, which would
+    hold their policy near the rollout policy, is dropped with them. That is
+    what zero-variance masking means in DAPO-style implementations (mean over
+    the tokens that remain), and it is the only reading under which masking
+    can change GRPO's result at all, as the paper reports it does.
     """
     logp = logp.to(_compute_dtype(logp))
     ref = logp_old if logp_ref is None else logp_ref
