@@ -1,4 +1,4 @@
-"""RL with verifiable rewards for language models, TPO or GRPO: SPEC section 5.
+"""RL with verifiable rewards for language models, TPO or GRPO: the paper's section 5.
 
 One process, one GPU: vLLM generates K completions for each of P prompts,
 a verifier scores them, and plain PyTorch updates the policy; the new weights
@@ -42,18 +42,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import json
 import math
+import random
 import re
 import signal
 import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import tpo
 
 # ---------------------------------------------------------------------------
-# Arguments: defaults are the paper's where it gives one (SPEC section 5)
+# Arguments: defaults are the paper's where it gives one (its section 5)
 # ---------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, ...)")
@@ -105,36 +107,68 @@ def fail(msg):
 
 # ---------------------------------------------------------------------------
 # Tasks: a task is training examples, held-out examples, a prompt and a scorer.
-# score(completion_text, example) -> reward in [0, 1], or None if no answer
-# could be parsed (that counts as reward 0 and is logged as unparsed).
+# score(completion_text, example, finished) -> reward in [0, 1], or None if no
+# answer could be parsed (that counts as reward 0 and is logged as unparsed);
+# finished is False for a reply cut off by --max-new-tokens.
 # ---------------------------------------------------------------------------
 GSM8K_INSTRUCTION = "Solve the problem step by step. End your reply with the final answer as a number after '####', for example: #### 42"
 RG_INSTRUCTION = "Think it through, then give only your final answer inside <answer> </answer> tags, in the format the question asks for."
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # commas only as thousands separators: "15, 12" is two numbers
+VALUE = re.compile(rf"(-?)\\[dt]?frac\{{({NUMBER})\}}\{{({NUMBER})\}}|({NUMBER})(?:\s*/\s*({NUMBER}))?")
 
 
-def parse_number(text):
-    """The final numeric answer: after the last '####', else in the last \\boxed{}, else the last number."""
-    for pattern in (r"####\s*([^\n]*)", r"\\boxed\{([^}]*)\}"):
-        hits = re.findall(pattern, text)
-        if hits and NUMBER.search(hits[-1]):
-            text = hits[-1]
-            break
-    nums = NUMBER.findall(text)
-    if not nums:
+def to_value(match):
+    """A VALUE match as a float: a number, a/b, or \\frac{a}{b} (also \\dfrac, \\tfrac); None for a zero denominator."""
+    sign, frac_a, frac_b, a, b = match.groups()
+    num, den = (sign + frac_a, frac_b) if frac_a else (a, b or "1")
+    num, den = float(num.replace(",", "")), float(den.replace(",", ""))
+    return None if den == 0 else num / den
+
+
+def boxed(text):
+    """The contents of the last \\boxed{...}, braces matched (\\frac{3}{4} nests them); None if there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
         return None
-    try:
-        return float(nums[-1].replace(",", "").rstrip("."))
-    except ValueError:
-        return None
+    depth, open_at = 0, start + len("\\boxed")
+    for i in range(open_at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_at + 1:i]
+    return None
 
 
-def gsm8k_score(completion, example):
-    pred = parse_number(completion)
+def parse_number(text, finished=True):
+    """The final numeric answer: the first number after the last '####' (the dataset's own convention:
+    "#### 15, which is 3 more than 12" answers 15), else the number in the last \\boxed{}, else, for a
+    reply that ended on its own, its last number.
+
+    The last-number fallback stays because small instruct models mostly end with a bare number and
+    rarely write '####' (SmolLM2-135M: 10-20 of 128 replies did); scoring '####' alone would leave them
+    almost no reward to learn from. It is refused to a reply cut off by --max-new-tokens: that one
+    stopped mid-computation, and rewarding whatever intermediate number it ended on teaches luck.
+    """
+    parts = [text.rsplit("####", 1)[1] if "####" in text else None, boxed(text)]
+    for part in parts:
+        match = VALUE.search(part or "")
+        if match:
+            return to_value(match)
+    matches = list(VALUE.finditer(text)) if finished else []
+    return to_value(matches[-1]) if matches else None
+
+
+def gsm8k_score(completion, example, finished=True):
+    pred = parse_number(completion, finished)
     if pred is None:
         return None
-    gold = float(example["answer"].split("####")[-1].strip().replace(",", ""))
-    return float(abs(pred - gold) < 1e-6)
+    return float(abs(pred - gold_answer(example)) < 1e-6)
+
+
+def gold_answer(example):
+    """The number after the dataset's '####', or None."""
+    answer = str(example.get("answer", ""))
+    match = VALUE.search(answer.rsplit("####", 1)[1]) if "####" in answer else None
+    return to_value(match) if match else None
 
 
 def load_gsm8k(args):
@@ -158,7 +192,7 @@ def load_gsm8k(args):
                  "on an offline machine pass --data-dir with train.jsonl and test.jsonl")
         splits = {s: list(ds[s]) for s in ("train", "test")}
     for split, rows in splits.items():
-        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r or "####" not in str(r.get("answer", ""))]
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r or gold_answer(r) is None]
         if bad:
             fail(f"gsm8k {split} row {bad[0]} lacks a 'question' or an 'answer' containing '#### <number>'")
     return SimpleNamespace(train=splits["train"], test=splits["test"],
@@ -181,7 +215,7 @@ def load_reasoning_gym(args):
     seen = {entry["question"] for entry in train}  # small puzzle spaces repeat: keep held-out prompts unseen
     test = [entry for entry in extra if entry["question"] not in seen][:n_test]
 
-    def score(completion, entry):
+    def score(completion, entry, finished=True):  # an unclosed <answer> tag is unparsed anyway
         answer = extract_answer(completion)
         return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
 
@@ -222,7 +256,7 @@ def load_policy(args, device):
         # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder")
+        fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -241,8 +275,16 @@ def load_policy(args, device):
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                                                  target_modules="all-linear", lora_dropout=0.0))
     elif args.kl_coef:
-        # float32 under the same autocast as the policy, so KL is exactly 0 at the start
-        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval().requires_grad_(False)
+        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        if args.dtype == "bfloat16":
+            # Autocast rounds every matmul weight to bfloat16 anyway, so storing them so changes no log-prob
+            # (KL is exactly 0 at the start) and shrinks Qwen3-1.7B's reference from 6.9 to 4.1 GB. Embeddings
+            # and norms run outside autocast and stay float32, the output head too when it is the embedding.
+            tied = id(ref.get_input_embeddings().weight)
+            for m in ref.modules():
+                if isinstance(m, torch.nn.Linear) and id(m.weight) != tied:
+                    m.to(torch.bfloat16)
+        ref = ref.to(device).eval().requires_grad_(False)
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -325,14 +367,23 @@ def start_engine(args, model_path):
         fail(f"vLLM could not start on {model_path!r}: {str(e).strip().splitlines()[-1][:200]}")
 
 
-def generate(llm, prompt_ids, n, args, adapter=None, greedy=False):
-    """n completions per prompt: list over prompts of lists of (token_ids, vllm token log-probs, truncated, text)."""
+def generate(llm, prompt_ids, n, args, adapter=None, greedy=False, seeds=None):
+    """n completions per prompt: list over prompts of lists of (token_ids, vllm token log-probs, truncated, text).
+    seeds: one per prompt, or None for the engine's own random stream."""
     from vllm import SamplingParams
-    sp = SamplingParams(n=n, temperature=0.0 if greedy else args.temperature, max_tokens=args.max_new_tokens,
-                        logprobs=None if greedy else 0)  # logprobs=0: the sampled token's own log-prob
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sp, lora_request=adapter, use_tqdm=False)
+    sps = [SamplingParams(n=n, temperature=0.0 if greedy else args.temperature, max_tokens=args.max_new_tokens, seed=seed,
+                          logprobs=None if greedy else 0)  # logprobs=0: the sampled token's own log-prob
+           for seed in seeds or [None] * len(prompt_ids)]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, lora_request=adapter, use_tqdm=False)
     return [[(list(c.token_ids), None if greedy else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
               c.finish_reason == "length", c.text) for c in o.outputs] for o in outs]
+
+
+def sampling_seed(args, step, j):
+    """The engine's seed for prompt j of a step; vLLM gives its K samples seed, seed + 1, ..., seed + K - 1.
+    A function of (seed, step) rather than the engine's running stream, so a resumed run, with a fresh
+    engine, draws the samples the uninterrupted run would have."""
+    return ((args.seed * 2**20 + step) * args.prompts_per_step + j) * args.group_size
 
 
 def push_weights(llm, model, args, version, previous=None):
@@ -459,18 +510,37 @@ def group_diagnostics(seq_old, rewards, eta):
 # ---------------------------------------------------------------------------
 
 def save_checkpoint(path, model, opt, step, args):
+    """Returns step. At most two checkpoints exist on disk, and only while this one is written."""
     trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
     tmp = path + ".tmp"
     torch.save({"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-                "optimizer": opt.state_dict(), "args": vars(args)}, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+                "optimizer": opt.state_dict(), "rng": rng_state(), "args": vars(args)}, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact; the replace removes it
+    return step
 
 
-def load_checkpoint(path, model, opt, args):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "lora_rank", "loss", "task"):
-        if ckpt["args"][key] != getattr(args, key):
-            fail(f"{path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}, not {getattr(args, key)}")
+# Settings that change the prompts, the samples or the loss: a resume with any of them changed is a
+# different experiment. The rest (steps, evaluation, saving, memory, logging) may change.
+RESUME_MUST_MATCH = ("task", "model", "data_dir", "train_size", "max_prompt_tokens", "seed", "prompts_per_step", "group_size",
+                     "max_new_tokens", "temperature", "dtype", "loss", "seq_logp", "eta", "clip_eps", "kl_coef", "lr",
+                     "weight_decay", "max_grad_norm", "epochs", "lora_rank", "lora_alpha")
+
+
+def read_checkpoint(path, args):
+    """The checkpoint, memory-mapped, once it is known to continue this run: checked before the model loads."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {ckpt['args'].get(k)})"
+               for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != getattr(args, k)]
+    if changed:
+        fail(f"{path} was written by a run with other settings that change the data or the loss: {', '.join(changed)}; "
+             "resume with the same values or choose another --out-dir")
+    if ckpt["step"] >= args.steps:
+        fail(f"{path} is already at step {ckpt['step']}; raise --steps to continue")
+    return ckpt
+
+
+def load_checkpoint(ckpt, model, opt):
+    """Puts the checkpoint's weights and optimizer state in place; returns its step."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in ckpt["trainable"].items():
@@ -479,13 +549,27 @@ def load_checkpoint(path, model, opt, args):
     return ckpt["step"]
 
 
+def rng_state():
+    """Every generator a run may draw from outside the engine (whose samples are seeded per step, see sampling_seed)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # ---------------------------------------------------------------------------
 # Main loop: rollout -> score -> log-probs -> update -> push -> log
 # ---------------------------------------------------------------------------
 
 def evaluate(llm, task, test, args, adapter):
     outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
-    scores = [task.score(o[0][3], ex) for o, (_, ex) in zip(outs, test)]
+    scores = [task.score(o[0][3], ex, not o[0][2]) for o, (_, ex) in zip(outs, test)]
     return sum(s or 0.0 for s in scores) / len(scores), sum(s is None for s in scores) / len(scores)
 
 
@@ -500,27 +584,193 @@ def check_args(args):
     for name in ("eval_every", "save_every", "eval_size"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more")
-    if args.lora_rank is not None and args.lora_rank < 0:
-        fail("--lora-rank must be 0 (full fine-tuning) or more")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("no CUDA GPU found; pass --device cpu to run on the CPU (slow: for tests and tiny models)")
+    if args.lora_rank not in (None, 0, *LORA_RANKS):
+        fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
     if args.lora_rank is None:
         args.lora_rank = 32 if args.task == "gsm8k" else 0
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
     if args.kv_cache_gib is None and args.device == "cpu":
         # the CPU build sizes its cache from what the whole process already holds, which a trainer inflates
         args.kv_cache_gib = 1.0
     args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{args.loss}")
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
+
+
+def looks_like_path(name):
+    """A --model that names a place on disk rather than a hub id (one 'org/name')."""
+    return (name.startswith(("/", ".", "~")) or name.endswith(".gguf")
+            or (os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)))
+
+
+def check_resources(args):
+    """Everything that would stop the run before its first step, reported together in one sentence,
+    so an offline machine learns all of its blockers at once instead of one per attempt (and before
+    the hub client's retries)."""
+    blockers, needed = [], []  # needed: what must come from the hub, as (what, cached, the offline way)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        blockers.append("no CUDA GPU found (pass --device cpu to run on the CPU: slow, for tests and tiny models)")
+    if not args.benchmark:
+        import huggingface_hub
+        from huggingface_hub import constants
+        if not looks_like_path(args.model):
+            needed.append((f"the model {args.model}", huggingface_hub.try_to_load_from_cache(args.model, "config.json") is not None,
+                           "pass --model with a local folder"))
+        elif not os.path.exists(os.path.expanduser(args.model)):
+            blockers.append(f"--model {args.model} does not exist (no such folder or file)")
+        if args.task == "gsm8k" and not args.data_dir:
+            datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
+            cached = [os.path.join(constants.HF_HUB_CACHE, "datasets--openai--gsm8k"), os.path.join(datasets_cache, "openai___gsm8k")]
+            needed.append(("the openai/gsm8k data", any(map(os.path.isdir, cached)), "pass --data-dir with train.jsonl and test.jsonl"))
+        if needed and (constants.HF_HUB_OFFLINE or not hub_reachable()):
+            missing = [f"{what} is not in the local cache ({fix})" for what, cached, fix in needed if not cached]
+            if missing:
+                blockers.append(f"the Hugging Face hub cannot be reached, and {' and '.join(missing)}")
+            if not constants.HF_HUB_OFFLINE:
+                hint = "HF_HUB_OFFLINE=1 makes cached files load without network retries"
+                if blockers:
+                    blockers.append(hint)
+                else:
+                    print(f"the Hugging Face hub cannot be reached: {hint}")
+    if blockers:
+        fail("; ".join(blockers))
+
+
+def hub_reachable():
+    from huggingface_hub import constants, get_session
+    try:  # one request with a short timeout, not the download client's retries
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return True
+    except Exception:
+        return False
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
+    check_resources(args)
     if args.benchmark:
         return benchmark(args)
-    torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
+    try:
+        task, train, test, model, ref, tokenizer, opt, start, llm, adapter = set_up(args, device, ckpt_path, log_path)
+    except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
+        print("\ninterrupted during start-up (data, model or engine); no step was run", file=sys.stderr)
+        sys.exit(130)
 
-    # data and model (fail here, before the engine starts, on anything bad)
+    P, K = args.prompts_per_step, args.group_size
+    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    done = saved = start
+    moved = False
+    try:
+        if start == 0 and args.eval_every:
+            acc, unparsed = evaluate(llm, task, test, args, adapter)
+            append(log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
+            print(f"step 0 | held-out accuracy {acc:.3f} on {len(test)} prompts (greedy)")
+        for step in range(start + 1, args.steps + 1):
+            if stop:
+                break
+            t = {}
+            t0 = time.time()
+            batch = [train[prompt_index((step - 1) * P + j, len(train), args.seed)] for j in range(P)]
+            outs = generate(llm, [ids for ids, _ in batch], K, args, adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
+            if args.device == "cuda":
+                llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
+            t["generate"] = time.time() - t0
+
+            t0 = time.time()
+            scores = [[task.score(c[3], ex, not c[2]) for c in group] for group, (_, ex) in zip(outs, batch)]
+            rewards = torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32)
+            unparsed = sum(s is None for g in scores for s in g) / (P * K)
+            t["score"] = time.time() - t0
+
+            t0 = time.time()
+            seqs = [(ids, c[0]) for group, (ids, _) in zip(outs, batch) for c in group]
+            lp_old = logprob_pass(model, seqs, args, tokenizer.pad_token_id, device)
+            lp_ref = None
+            if args.kl_coef:
+                lp_ref = logprob_pass(ref if ref is not None else model, seqs, args, tokenizer.pad_token_id, device,
+                                      reference=ref is None)
+            vllm_lp = torch.tensor([x for group in outs for c in group for x in c[1]])
+            mismatch = (vllm_lp - torch.cat(lp_old).cpu()).abs().mean().item()
+            seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K).cpu()
+            n_eff, q_move = group_diagnostics(seq_old, rewards, args.eta)
+            t["logprobs"] = time.time() - t0
+
+            t0 = time.time()
+            moved = True  # from here until `done = step` the weights are between steps
+            stats = update(model, opt, seqs, rewards, lp_old, lp_ref, args, tokenizer.pad_token_id, device)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            t["update"] = time.time() - t0
+
+            t0 = time.time()
+            if args.device == "cuda":
+                llm.wake_up()
+            adapter = push_weights(llm, model, args, step, adapter)
+            t["push"] = time.time() - t0
+
+            lens = torch.tensor([len(c[0]) for group in outs for c in group], dtype=torch.float32)
+            tokens = lens.sum().item() + sum(len(ids) for ids, _ in batch) * K
+            record = {
+                "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                "frac_groups_all_equal": 1 - tpo.informative_groups(rewards).float().mean().item(),
+                "unparsed_frac": unparsed, "completion_len_mean": lens.mean().item(),
+                "truncated_frac": sum(c[2] for group in outs for c in group) / (P * K),
+                "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
+                "logp_mismatch": mismatch, "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
+                **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": tokens / sum(t.values()),
+            }
+            if args.eval_every and step % args.eval_every == 0:
+                t0 = time.time()
+                record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(llm, task, test, args, adapter)
+                record["t_eval"] = time.time() - t0
+            append(log_path, record, args)
+            print(f"step {step}/{args.steps} | reward {record['reward_mean']:.3f} | all-equal groups {record['frac_groups_all_equal']:.0%} "
+                  f"| len {record['completion_len_mean']:.0f} (trunc {record['truncated_frac']:.0%}) | loss {record['loss']:.4f} "
+                  f"| grad {record['grad_norm']:.3f} | mismatch {mismatch:.1e} | N_eff {n_eff:.2f}/{K} "
+                  f"| gen {t['generate']:.1f}s upd {t['update']:.1f}s | {record['tokens_per_s']:.0f} tok/s"
+                  + (f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""), flush=True)
+            done, moved = step, False
+            if args.save_every and step % args.save_every == 0:
+                saved = save_checkpoint(ckpt_path, model, opt, step, args)
+        if done > saved:
+            saved = save_checkpoint(ckpt_path, model, opt, done, args)
+    except Exception:
+        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
+        if done > saved and not moved:
+            saved = save_checkpoint(ckpt_path, model, opt, done, args)
+        kept = f"the checkpoint in {ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
+        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
+                                                    if done > saved else ""), file=sys.stderr)
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop:
+        print(f"stopped: step {done} saved to {ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
+        sys.exit(130)
+    log = read_log(log_path)
+    plot(log, args, os.path.join(args.out_dir, "curves.png"))
+    print(f"done: {args.steps} steps; log in {log_path}, curves in {args.out_dir}/curves.png")
+    return SimpleNamespace(llm=llm, model=model, log=log)
+
+
+def set_up(args, device, ckpt_path, log_path):
+    """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path, args)
+    elif os.path.exists(ckpt_path):
+        fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
+    torch.manual_seed(args.seed)
     task = TASKS.get(args.task, load_reasoning_gym)(args)
     model, ref, tokenizer = load_policy(args, device)
     train, dropped = encode_prompts(task, task.train, tokenizer, args)
@@ -534,21 +784,14 @@ def main(argv=None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
     start = 0
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        start = load_checkpoint(ckpt_path, model, opt, args)
-        if start >= args.steps:
-            fail(f"{ckpt_path} is already at step {start}; raise --steps to continue")
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, opt)
         kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
         kept = [line for line in kept if json.loads(line)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)  # steps after the checkpoint will be redone
         print(f"resumed from step {start}")
-    elif os.path.exists(ckpt_path):
-        fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
     elif os.path.exists(log_path):
         os.remove(log_path)
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
@@ -556,95 +799,12 @@ def main(argv=None):
 
     llm = start_engine(args, args.model)
     adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
+    if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
+        set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
     if args.wandb:
         import wandb
         wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
-
-    P, K = args.prompts_per_step, args.group_size
-    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
-    stop = []
-    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    done = start
-    if start == 0 and args.eval_every:
-        acc, unparsed = evaluate(llm, task, test, args, adapter)
-        append(log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
-        print(f"step 0 | held-out accuracy {acc:.3f} on {len(test)} prompts (greedy)")
-    for step in range(start + 1, args.steps + 1):
-        if stop:
-            break
-        t = {}
-        t0 = time.time()
-        batch = [train[prompt_index((step - 1) * P + j, len(train), args.seed)] for j in range(P)]
-        outs = generate(llm, [ids for ids, _ in batch], K, args, adapter)
-        if args.device == "cuda":
-            llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
-        t["generate"] = time.time() - t0
-
-        t0 = time.time()
-        scores = [[task.score(c[3], ex) for c in group] for group, (_, ex) in zip(outs, batch)]
-        rewards = torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32)
-        unparsed = sum(s is None for g in scores for s in g) / (P * K)
-        t["score"] = time.time() - t0
-
-        t0 = time.time()
-        seqs = [(ids, c[0]) for group, (ids, _) in zip(outs, batch) for c in group]
-        lp_old = logprob_pass(model, seqs, args, tokenizer.pad_token_id, device)
-        lp_ref = None
-        if args.kl_coef:
-            lp_ref = logprob_pass(ref if ref is not None else model, seqs, args, tokenizer.pad_token_id, device,
-                                  reference=ref is None)
-        vllm_lp = torch.tensor([x for group in outs for c in group for x in c[1]])
-        mismatch = (vllm_lp - torch.cat(lp_old).cpu()).abs().mean().item()
-        seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K).cpu()
-        n_eff, q_move = group_diagnostics(seq_old, rewards, args.eta)
-        t["logprobs"] = time.time() - t0
-
-        t0 = time.time()
-        stats = update(model, opt, seqs, rewards, lp_old, lp_ref, args, tokenizer.pad_token_id, device)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        t["update"] = time.time() - t0
-
-        t0 = time.time()
-        if args.device == "cuda":
-            llm.wake_up()
-        adapter = push_weights(llm, model, args, step, adapter)
-        t["push"] = time.time() - t0
-
-        lens = torch.tensor([len(c[0]) for group in outs for c in group], dtype=torch.float32)
-        tokens = lens.sum().item() + sum(len(ids) for ids, _ in batch) * K
-        record = {
-            "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-            "frac_groups_all_equal": 1 - tpo.informative_groups(rewards).float().mean().item(),
-            "unparsed_frac": unparsed, "completion_len_mean": lens.mean().item(),
-            "truncated_frac": sum(c[2] for group in outs for c in group) / (P * K),
-            "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
-            "logp_mismatch": mismatch, "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
-            **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": tokens / sum(t.values()),
-        }
-        if args.eval_every and step % args.eval_every == 0:
-            t0 = time.time()
-            record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(llm, task, test, args, adapter)
-            record["t_eval"] = time.time() - t0
-        append(log_path, record, args)
-        print(f"step {step}/{args.steps} | reward {record['reward_mean']:.3f} | all-equal groups {record['frac_groups_all_equal']:.0%} "
-              f"| len {record['completion_len_mean']:.0f} (trunc {record['truncated_frac']:.0%}) | loss {record['loss']:.4f} "
-              f"| grad {record['grad_norm']:.3f} | mismatch {mismatch:.1e} | N_eff {n_eff:.2f}/{K} "
-              f"| gen {t['generate']:.1f}s upd {t['update']:.1f}s | {record['tokens_per_s']:.0f} tok/s"
-              + (f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""), flush=True)
-        done = step
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(ckpt_path, model, opt, step, args)
-    save_checkpoint(ckpt_path, model, opt, done, args)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if stop:
-        print(f"stopped: step {done} saved to {ckpt_path}; continue with --resume")
-        sys.exit(130)
-    log = read_log(log_path)
-    plot(log, args, os.path.join(args.out_dir, "curves.png"))
-    print(f"done: {args.steps} steps; log in {log_path}, curves in {args.out_dir}/curves.png")
-    return SimpleNamespace(llm=llm, model=model, log=log)
+    return task, train, test, model, ref, tokenizer, opt, start, llm, adapter
 
 
 def request_stop(stop):

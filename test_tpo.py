@@ -848,7 +848,10 @@ def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, caps
 
 import gc  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 import llm_rlvr  # noqa: E402
 
@@ -901,10 +904,20 @@ def digits_task(args):
     """Toy verifiable task: reward = fraction of the completion's characters that are digits."""
     examples = [{"question": f"Write digits, round {i}."} for i in range(64)]
     return SimpleNamespace(train=examples, test=examples[:8], prompt=lambda ex: ex["question"],
-                           score=lambda text, ex: sum(ch.isdigit() for ch in text) / max(1, len(text)))
+                           score=lambda text, ex, finished: sum(ch.isdigit() for ch in text) / max(1, len(text)))
+
+
+def digits_rng_task(args):
+    """The digits task plus a little of Python's, NumPy's and torch's randomness, so rewards depend on their states."""
+    task = digits_task(args)
+
+    def score(text, ex, finished):
+        return task.score(text, ex, finished) + 1e-3 * (random.random() + np.random.rand() + torch.rand(()).item())
+    return SimpleNamespace(**{**vars(task), "score": score})
 
 
 llm_rlvr.TASKS["digits"] = digits_task
+llm_rlvr.TASKS["digits_rng"] = digits_rng_task
 
 
 def run_llm(tiny_model, tmp_path, *extra):
@@ -918,16 +931,32 @@ def run_llm(tiny_model, tmp_path, *extra):
     return log
 
 
-def test_gsm8k_answer_extraction():
+def test_gsm8k_answer_is_the_first_number_after_the_last_marker():
     ex = {"answer": "Natalia sold 48 + 24 = 72 clips.\n#### 1,072"}
     assert llm_rlvr.gsm8k_score("so the total is 1072.\n#### 1,072", ex) == 1.0
-    assert llm_rlvr.gsm8k_score("The answer is \\boxed{1072}.", ex) == 1.0
-    assert llm_rlvr.gsm8k_score("first 5, then 10, finally 1072", ex) == 1.0  # last number as a fallback
     assert llm_rlvr.gsm8k_score("#### 1072.0", ex) == 1.0
     assert llm_rlvr.gsm8k_score("#### 1071", ex) == 0.0
-    assert llm_rlvr.gsm8k_score("#### 1072 apples, not 5", ex) == 0.0  # the last number after #### counts
+    assert llm_rlvr.gsm8k_score("#### 5\nno, wait: #### 1072 apples, not 5", ex) == 1.0
     assert llm_rlvr.gsm8k_score("I do not know.", ex) is None  # unparsed: reward 0, counted separately
+    assert llm_rlvr.gsm8k_score("#### $18 (9 x 2)", {"answer": "#### 18"}) == 1.0
+    assert llm_rlvr.gsm8k_score("#### 15, which is 3 more than 12", {"answer": "#### 15"}) == 1.0
     assert llm_rlvr.parse_number("#### -3.5") == -3.5
+
+
+def test_gsm8k_boxed_fractions_compare_numerically():
+    ex = {"answer": "#### 0.75"}
+    for reply in ("\\boxed{\\frac{3}{4}}", "so \\boxed{\\dfrac{3}{4}}.", "\\boxed{3/4}", "#### 3/4", "\\boxed{0.75}"):
+        assert llm_rlvr.gsm8k_score(reply, ex) == 1.0, reply
+    assert llm_rlvr.gsm8k_score("\\boxed{\\frac{4}{3}}", ex) == 0.0
+    assert llm_rlvr.parse_number("\\boxed{-\\frac{1}{2}}") == -0.5
+    assert llm_rlvr.gsm8k_score("The answer is \\boxed{1,072}.", {"answer": "#### 1072"}) == 1.0
+
+
+def test_gsm8k_last_number_fallback_only_for_finished_replies():
+    ex = {"answer": "#### 1072"}
+    assert llm_rlvr.gsm8k_score("first 5, then 10, finally 1072", ex, finished=True) == 1.0
+    assert llm_rlvr.gsm8k_score("first 5, then 10, finally 1072", ex, finished=False) is None  # cut off mid-computation
+    assert llm_rlvr.gsm8k_score("#### 1072", ex, finished=False) == 1.0  # the marker counts however the reply ended
 
 
 def test_gsm8k_offline_files_and_bad_rows(tmp_path):
@@ -991,6 +1020,12 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
     assert synced < 1e-4 < stale / 100, (stale, synced)
     adapter = llm_rlvr.push_weights(llm, model, args, 2, adapter)  # a second push replaces the first
     assert mismatch(adapter) < 1e-4
+    # Samples are a function of the per-prompt seeds, whatever state the global generators are in.
+    samples = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        samples.append([[c[0] for c in group] for group in llm_rlvr.generate(llm, prompts, 4, args, adapter, seeds=[10, 20, 30])])
+    assert samples[0] == samples[1] and len({tuple(c) for c in samples[0][0]}) > 1
     del llm
     gc.collect()
 
@@ -1013,33 +1048,62 @@ def test_grpo_step_end_to_end_full_finetune(tiny_model, tmp_path):
     assert log[-1]["grad_norm"] > 0 and log[-1]["logp_mismatch"] < 1e-4  # the push after step 1 reached the engine
 
 
-def test_tpo_short_run_raises_reward_then_resumes(tiny_model, tmp_path):
-    log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "6", "--lr", "3e-4", "--save-every", "3")
-    rewards = [r["reward_mean"] for r in log]
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards
-    # resume from step 3's checkpoint? The run ended at 6 and saved 6: continue to 7.
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 6
-    log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "7", "--lr", "3e-4", "--resume")
-    assert [r["step"] for r in log] == list(range(1, 8))
+def test_resume_continues_as_the_uninterrupted_run_would(tiny_model, tmp_path, capsys):
+    opts = ["--task", "digits_rng", "--loss", "tpo", "--lr", "3e-4"]
+    whole = run_llm(tiny_model, tmp_path / "whole", *opts, "--steps", "6")
+    rewards = [r["reward_mean"] for r in whole]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards  # and TPO learns the toy task
+    run_llm(tiny_model, tmp_path, *opts, "--steps", "3")
+    resumed = run_llm(tiny_model, tmp_path, *opts, "--steps", "6", "--resume")
+    keys = ("step", "reward_mean", "reward_std", "completion_len_mean", "loss", "grad_norm", "eff_group_size", "q_pold_abs_mean")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]
+    assert resumed[-1]["logp_mismatch"] < 1e-4  # the resumed weights were pushed into the new engine
     for again in (["--resume"], []):  # nothing left to do; a fresh run must not overwrite the checkpoint
         with pytest.raises(SystemExit):
-            run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "7", *again)
-    assert log[-1]["logp_mismatch"] < 1e-4  # the resumed weights were pushed into the new engine
+            run_llm(tiny_model, tmp_path, *opts, "--steps", "6", *again)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_llm(tiny_model, tmp_path, *opts, "--steps", "7", "--resume", "--eta", "2")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eta 2.0 (was 1.0)" in err and "--lr" not in err and len(err.splitlines()) == 1, err
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 6
+
+
+def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):
+    def crashing_task(args):
+        task = digits_task(args)
+        calls = []
+
+        def score(text, ex, finished):
+            calls.append(1)
+            if len(calls) > 4 * 4:  # in step 2
+                raise RuntimeError("the scorer crashed")
+            return task.score(text, ex, finished)
+        return SimpleNamespace(**{**vars(task), "score": score})
+
+    llm_rlvr.TASKS["digits_crashing"] = crashing_task
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(RuntimeError, match="the scorer crashed") as e:
+        run_llm(tiny_model, tmp_path, "--task", "digits_crashing", "--steps", "3", "--max-new-tokens", "8")
+    del e  # its traceback holds the engine
+    gc.collect()
+    assert "holds step 1" in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert [r["step"] for r in llm_rlvr.read_log(tmp_path / "run" / "log.jsonl")] == [1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tiny_model, tmp_path):
-    import signal
-
     def interrupting_task(args):
         task = digits_task(args)
         calls = []
 
-        def score(text, ex):
+        def score(text, ex, finished):
             calls.append(1)
             if len(calls) == 4 * 4 + 1:  # while scoring step 2: as if Ctrl-C were pressed mid-step
                 os.kill(os.getpid(), signal.SIGINT)
-            return task.score(text, ex)
+            return task.score(text, ex, finished)
         return SimpleNamespace(**{**vars(task), "score": score})
 
     llm_rlvr.TASKS["digits_interrupted"] = interrupting_task
@@ -1058,7 +1122,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tiny_model, tmp_path)
 
 def test_llm_bad_input_is_one_sentence(tiny_model, tmp_path, capsys):
     cases = [(["--task", "digits", "--device", "cuda"], "no CUDA GPU"),
-             (["--task", "digits", "--device", "cpu", "--model", str(tmp_path / "missing")], "could not load model"),
+             (["--task", "digits", "--device", "cpu", "--model", str(tmp_path / "missing")], "does not exist"),
              (["--task", "digits", "--device", "cpu", "--model", tiny_model, "--max-prompt-tokens", "2"], "longer than"),
              (["--task", "digits", "--device", "cpu", "--group-size", "1"], "at least 2"),
              (["--task", "digits", "--device", "cpu", "--lora-rank", "-4"], "--lora-rank"),
@@ -1071,3 +1135,60 @@ def test_llm_bad_input_is_one_sentence(tiny_model, tmp_path, capsys):
             llm_rlvr.main(argv + ["--out-dir", str(tmp_path / "bad")])
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_lora_rank_that_vllm_refuses_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.check_args(llm_rlvr.parser.parse_args(["--device", "cpu", "--lora-rank", "4"]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --lora-rank 4") and "1, 8, 16, 32, 64, 128, 256, 320, 512" in err, err
+
+
+@pytest.mark.parametrize("model", ["{tmp}/missing", "./no_such_model", "~/no_such_model", "runs/gsm8k_tpo/final", "SmolLM2.Q4_1.gguf"])
+def test_missing_model_path_says_the_folder_does_not_exist(model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.main(["--task", "digits", "--device", "cpu", "--model", model.format(tmp=tmp_path), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "does not exist" in err and "repo" not in err.lower(), err
+
+
+def test_offline_machine_learns_every_blocker_at_once(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    argv = ["--task", "gsm8k", "--device", "cuda", "--model", "Qwen/Qwen3-1.7B", "--out-dir", str(tmp_path)]
+    for offline, hint in ((True, False), (False, True)):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(llm_rlvr, "hub_reachable", lambda: False, raising=False)
+        with pytest.raises(SystemExit) as e:
+            llm_rlvr.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "Qwen/Qwen3-1.7B" in err and "openai/gsm8k" in err and "--data-dir" in err, err
+        assert ("no CUDA GPU" in err) != torch.cuda.is_available(), err
+        assert ("HF_HUB_OFFLINE=1" in err) == hint, err
+
+
+def test_ctrl_c_during_start_up_exits_in_one_line(tiny_model, tmp_path, capsys, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(llm_rlvr, "load_policy", interrupted)
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.main(["--task", "digits", "--device", "cpu", "--model", tiny_model, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and len(err.splitlines()) == 1 and "interrupted" in err, err
+
+
+def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logprobs(tiny_model, tmp_path):
+    args = llm_rlvr.parser.parse_args(["--model", tiny_model, "--device", "cpu", "--dtype", "bfloat16", "--lora-rank", "0",
+                                       "--kl-coef", "1e-3", "--out-dir", str(tmp_path)])
+    llm_rlvr.check_args(args)
+    model, ref, _ = llm_rlvr.load_policy(args, torch.device("cpu"))
+    assert ref.model.layers[0].mlp.up_proj.weight.dtype == ref.lm_head.weight.dtype == torch.bfloat16
+    assert ref.model.embed_tokens.weight.dtype == ref.model.norm.weight.dtype == torch.float32  # outside autocast
+    gen = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(3, 300, (5 + i,), generator=gen).tolist(), torch.randint(3, 300, (7,), generator=gen).tolist()) for i in range(4)]
+    ours, theirs = (llm_rlvr.logprob_pass(m, seqs, args, 0, torch.device("cpu")) for m in (model, ref))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # KL exactly 0 at the start
