@@ -835,7 +835,8 @@ def plot(log, args, path):
     train = [r for r in log if "reward_mean" in r]
     ax_r.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward (mean over P x K samples)")
     evals = [r for r in log if "eval_accuracy" in r]
-    ax_r.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+    if evals:  # --eval-every 0: no held-out curve and no empty legend entry
+        ax_r.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
     ax_r.set(xlabel="step", title=f"{args.task}, {args.loss}")
     ax_r.legend(fontsize=8)
     ax_n.plot([r["step"] for r in train], [r["eff_group_size"] for r in train])

@@ -694,6 +694,20 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
         assert tt.idle_cores() == threads, load
 
 
+def test_plot_title_has_no_moving_average_over_one_episode(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    curve = {"error_mean": [0.5, 0.2, 0.1], "grad_norm_mean": [1.0, 0.5, 0.2], "all_fail_fraction_mean": None,
+             "target_mass_success_mean": None}
+    for episodes, phrase in [(3, None), (500, "moving average over 10 episodes")]:
+        args = token_args("--episodes", str(episodes))
+        tt.plot({"ppo": {k: (v * (episodes // 3 + 1))[:episodes] if v else v for k, v in curve.items()}},
+                args, str(tmp_path / "r.png"))
+        title = figures[-1]._suptitle.get_text()
+        assert ("moving average" in title) == (phrase is not None) and (phrase is None or phrase in title), title
+
+
 # ---------------------------------------------------------------------------
 # token_tasks.py: the authors' model (initialisation, activation, groups)
 # ---------------------------------------------------------------------------
@@ -1068,6 +1082,17 @@ def test_resume_continues_as_the_uninterrupted_run_would(tiny_model, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "--eta 2.0 (was 1.0)" in err and "--lr" not in err and len(err.splitlines()) == 1, err
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 6
+
+
+def test_llm_plot_has_no_held_out_entry_without_evaluations(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    train = [{"step": s, "reward_mean": 0.1 * s, "eff_group_size": 3.0} for s in (1, 2, 3)]
+    args = SimpleNamespace(task="toy", loss="tpo", group_size=4, seq_logp="mean")
+    for log, entries in [(train, 1), (train + [{"step": 3, "eval_accuracy": 0.4}], 2)]:
+        llm_rlvr.plot(log, args, str(tmp_path / "r.png"))
+        assert len(figures[-1].axes[0].get_legend().get_texts()) == entries
 
 
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):

@@ -800,7 +800,8 @@ def plot(results, args, path):
     axes[0].axhline(0.01, color="grey", lw=0.5, ls=":")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
-                 f"{args.matching}-matched: mean over {args.seeds} seeds, moving average over {w} episodes", fontsize=9)
+                 f"{args.matching}-matched: mean over {args.seeds} seeds"
+                 + (f", moving average over {w} episodes" if w > 1 else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
