@@ -60,7 +60,8 @@ import tpo
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, ...)")
 parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
-parser.add_argument("--model", default="Qwen/Qwen3-1.7B", help="Hugging Face id or local folder (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
+parser.add_argument("--model", default="Qwen/Qwen3-1.7B",
+                    help="Hugging Face id, local folder, or .gguf file (dequantized once) (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32")
@@ -249,12 +250,50 @@ def prompt_index(i, n, seed):
 # Model: a Hugging Face causal LM; LoRA through peft; a frozen reference for KL
 # ---------------------------------------------------------------------------
 
-def load_policy(args, device):
+def model_folder(name):
+    """--model as something both transformers and vLLM open: a hub id or folder as it is; a .gguf file
+    dequantized once into a Hugging Face folder beside it (or, where that is read-only, under
+    ~/.cache/tpo_gguf), which later runs reuse. Both sides then read the same dequantized weights."""
+    if not name.endswith(".gguf"):
+        return name
+    path = os.path.abspath(os.path.expanduser(name))
+    stem = os.path.basename(path)[:-len(".gguf")]
+    places = [os.path.join(os.path.dirname(path), stem + "-hf"), os.path.join(os.path.expanduser("~/.cache/tpo_gguf"), stem)]
+    for folder in places:
+        if os.path.isdir(folder):  # written under a temporary name and renamed, so a folder that exists is complete
+            print(f"using the dequantized folder {folder}")
+            return folder
+    folder = places[0] if os.access(os.path.dirname(path), os.W_OK) else places[1]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    except (OSError, ValueError, ImportError) as e:  # ImportError: the gguf package is missing
+        fail(f"could not read {name} as a GGUF model ({str(e).strip().splitlines()[0][:160]})")
+    state = loaded.state_dict()
+    # 4-bit blocks dequantize to scale * q + min, which bfloat16 would round; keep float32 unless nothing changes.
+    exact = all(torch.equal(v, v.to(torch.bfloat16).to(v.dtype)) for v in state.values())
+    # save_pretrained refuses a model loaded from GGUF; a fresh model of the same config does not.
+    model = type(loaded)(loaded.config).to(torch.bfloat16 if exact else torch.float32)
+    model.load_state_dict(state)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    print(f"dequantized {name} to {'bfloat16' if exact else 'float32'} folder {folder} (once; reused next time)")
+    return folder
+
+
+def load_policy(args, device, path=None):
+    """The trainable policy, a frozen reference (full fine-tuning with KL only) and the tokenizer, from
+    path (default: --model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = path or args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
         # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
     if tokenizer.pad_token_id is None:
@@ -275,7 +314,7 @@ def load_policy(args, device):
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                                                  target_modules="all-linear", lora_dropout=0.0))
     elif args.kl_coef:
-        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if args.dtype == "bfloat16":
             # Autocast rounds every matmul weight to bfloat16 anyway, so storing them so changes no log-prob
             # (KL is exactly 0 at the start) and shrinks Qwen3-1.7B's reference from 6.9 to 4.1 GB. Embeddings
@@ -772,7 +811,8 @@ def set_up(args, device, ckpt_path, log_path):
         fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
     torch.manual_seed(args.seed)
     task = TASKS.get(args.task, load_reasoning_gym)(args)
-    model, ref, tokenizer = load_policy(args, device)
+    path = model_folder(args.model)
+    model, ref, tokenizer = load_policy(args, device, path)
     train, dropped = encode_prompts(task, task.train, tokenizer, args)
     test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
     if not train:
@@ -797,7 +837,7 @@ def set_up(args, device, ckpt_path, log_path):
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 
-    llm = start_engine(args, args.model)
+    llm = start_engine(args, path)
     adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
     if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
         set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
