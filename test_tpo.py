@@ -848,6 +848,7 @@ def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, caps
 
 import gc  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -1179,6 +1180,49 @@ def test_ctrl_c_during_start_up_exits_in_one_line(tiny_model, tmp_path, capsys, 
         llm_rlvr.main(["--task", "digits", "--device", "cpu", "--model", tiny_model, "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 130 and len(err.splitlines()) == 1 and "interrupted" in err, err
+
+
+def test_engine_p_old_skips_the_trainer_pass_and_gives_its_update(tiny_model, tmp_path, monkeypatch, capsys):
+    # In float32 p_old comes from the engine by default: no trainer pass, and the same step as with one.
+    calls = []
+    real = llm_rlvr.logprob_pass
+    monkeypatch.setattr(llm_rlvr, "logprob_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logs = {}
+    for p_old in ("engine", "trainer"):
+        calls.clear()
+        logs[p_old] = run_llm(tiny_model, tmp_path / p_old, "--steps", "1", "--lora-rank", "0", "--kl-coef", "0", "--p-old", p_old)[0]
+        assert len(calls) == (p_old == "trainer"), (p_old, calls)
+    engine, trainer = logs["engine"], logs["trainer"]
+    assert engine["logp_mismatch"] < 1e-4 and trainer["logp_mismatch"] < 1e-4  # epoch-0 forward vs engine, trainer pass vs engine
+    assert engine["loss"] == pytest.approx(trainer["loss"], abs=1e-4) and engine["grad_norm"] == pytest.approx(trainer["grad_norm"], rel=1e-3)
+    out = capsys.readouterr().out
+    assert "--p-old engine" in out and "--p-old trainer" in out
+    line = next(x for x in out.splitlines() if x.startswith("step 1/1"))
+    times = [float(x) for x in re.findall(r"(?:gen|logp|upd|push) ([\d.]+)s", line)]
+    total = float(line.split(" = ")[1].split("s ")[0])
+    assert len(times) == 4 and sum(times) <= total + 0.2, line  # every phase, and their sum (plus scoring)
+
+
+@pytest.mark.parametrize("argv,dtype,p_old", [(["--device", "cpu"], "float32", "engine"),
+                                              (["--device", "cpu", "--dtype", "bfloat16"], "bfloat16", "trainer"),
+                                              (["--device", "cuda"], "bfloat16", "trainer"),
+                                              (["--device", "cpu", "--dtype", "bfloat16", "--p-old", "engine"], "bfloat16", "engine")])
+def test_dtype_and_p_old_defaults(argv, dtype, p_old):
+    args = llm_rlvr.parser.parse_args(argv)
+    llm_rlvr.check_args(args)
+    assert (args.dtype, args.p_old) == (dtype, p_old)
+
+
+def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(llm_rlvr.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(llm_rlvr.os, "sched_setaffinity", lambda pid, cpus: pinned.append(list(cpus)))
+    monkeypatch.setattr(llm_rlvr.torch, "set_num_threads", lambda n: None)
+    for load, threads, cores in [(0.2, None, [0, 1, 2, 3]), (1.4, None, [0, 1, 2]), (9.0, None, [0]), (9.0, 2, [0, 1])]:
+        monkeypatch.setattr(llm_rlvr.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads)) == cores and pinned[-1] == cores, load
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # the engine binds to the same cores
 
 
 def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logprobs(tiny_model, tmp_path):
