@@ -63,6 +63,10 @@ import tpo
 # ---------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, ...)")
+parser.add_argument("--task-kwargs", default=None, help="reasoning-gym: the dataset's keyword arguments as JSON, e.g. '{\"min_terms\": 2, \"max_terms\": 2}'")
+parser.add_argument("--answer-format", default=None, choices=["hash", "tags"],
+                    help="ask for the final answer after '####' (hash) or inside <answer> tags (tags); default: hash where the "
+                         "task's answers are numbers (gsm8k, chain_sum, basic_arithmetic, ...), which small models follow, else tags")
 parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
 parser.add_argument("--model", default="Qwen/Qwen3-1.7B",
                     help="Hugging Face id, local folder, or .gguf file (dequantized once) (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
@@ -105,6 +109,8 @@ parser.add_argument("--threads", type=int, default=None,
                     help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle, judged by the load average)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+parser.add_argument("--probe", type=int, default=0, metavar="N",
+                    help="sample K completions for the first N training prompts, report the reward, write probe.json and exit (no training)")
 parser.add_argument("--benchmark", action="store_true", help="time the update phase on random weights (no engine, no download) and exit")
 parser.add_argument("--bench-config", default=None, help="benchmark: a config.json for the model shape (default: Qwen3-1.7B's)")
 parser.add_argument("--bench-iters", type=int, default=3, help="benchmark: timed update steps after one warm-up")
@@ -124,7 +130,7 @@ def check_args(args):
         fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
     if not (args.lr > 0 and args.eta > 0 and args.temperature > 0):
         fail("--lr, --eta and --temperature must be positive")
-    for name in ("eval_every", "save_every", "eval_size"):
+    for name in ("eval_every", "save_every", "eval_size", "probe"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more")
     if args.lora_rank not in (None, 0, *LORA_RANKS):
@@ -135,6 +141,9 @@ def check_args(args):
         args.lora_alpha = 2.0 * args.lora_rank
     if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
         fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
+    task_kwargs(args)
+    if args.answer_format is None and not args.benchmark:
+        args.answer_format = default_answer_format(args)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.p_old is None:
@@ -212,8 +221,10 @@ def cpu_has_bf16():
 # answer could be parsed (that counts as reward 0 and is logged as unparsed);
 # finished is False for a reply cut off by --max-new-tokens.
 # ---------------------------------------------------------------------------
-GSM8K_INSTRUCTION = "Solve the problem step by step. End your reply with the final answer as a number after '####', for example: #### 42"
-RG_INSTRUCTION = "Think it through, then give only your final answer inside <answer> </answer> tags, in the format the question asks for."
+INSTRUCTIONS = {  # --answer-format
+    "hash": "Solve the problem step by step. End your reply with the final answer as a number after '####', for example: #### 42",
+    "tags": "Think it through, then give only your final answer inside <answer> </answer> tags, in the format the question asks for.",
+}
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # commas only as thousands separators: "15, 12" is two numbers
 VALUE = re.compile(rf"(-?)\\[dt]?frac\{{({NUMBER})\}}\{{({NUMBER})\}}|({NUMBER})(?:\s*/\s*({NUMBER}))?")
 
@@ -258,8 +269,19 @@ def parse_number(text, finished=True):
     return to_value(matches[-1]) if matches else None
 
 
-def gsm8k_score(completion, example, finished=True):
-    pred = parse_number(completion, finished)
+def final_answer(text, finished, answer_format):
+    """The reply's final answer as text, None if it has none: for 'hash' the number parse_number finds,
+    written as datasets write numbers (7, not 7.0); for 'tags' the last <answer> tag's content."""
+    if answer_format == "tags":
+        from reasoning_gym.utils import extract_answer  # an unclosed tag is no answer
+        return extract_answer(text)
+    value = parse_number(text, finished)
+    return None if value is None else f"{value:.15g}"
+
+
+def gsm8k_score(completion, example, finished=True, answer_format="hash"):
+    answer = final_answer(completion, finished, answer_format)
+    pred = None if answer is None else parse_number(answer)
     if pred is None:
         return None
     return float(abs(pred - gold_answer(example)) < 1e-6)
@@ -296,32 +318,58 @@ def load_gsm8k(args):
         bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r or gold_answer(r) is None]
         if bad:
             fail(f"gsm8k {split} row {bad[0]} lacks a 'question' or an 'answer' containing '#### <number>'")
-    return SimpleNamespace(train=splits["train"], test=splits["test"],
-                           prompt=lambda ex: f"{ex['question']}\n\n{GSM8K_INSTRUCTION}", score=gsm8k_score)
+    return SimpleNamespace(train=splits["train"], test=splits["test"], prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
+                           score=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format))
 
 
-def load_reasoning_gym(args):
+def task_kwargs(args):
+    """--task-kwargs as a dict."""
+    try:
+        kwargs = json.loads(args.task_kwargs or "{}")
+    except json.JSONDecodeError as e:
+        fail(f"--task-kwargs is not valid JSON ({e}); write it like '{{\"min_terms\": 2}}'")
+    if not isinstance(kwargs, dict):
+        fail(f"--task-kwargs must be a JSON object of keyword arguments, not {args.task_kwargs}")
+    return kwargs
+
+
+def reasoning_gym_dataset(args, size, seed):
     try:
         import reasoning_gym
-        from reasoning_gym.utils import extract_answer
     except ImportError:
         fail("reasoning-gym is not installed (pip install reasoning-gym)")
     name = {"graph_coloring": "graph_color"}.get(args.task, args.task)
-    n_test = args.eval_size or 200
     try:
-        train = reasoning_gym.create_dataset(name, size=args.train_size, seed=args.seed)
-        extra = reasoning_gym.create_dataset(name, size=2 * n_test, seed=args.seed + 1_000_003)
+        return reasoning_gym.create_dataset(name, size=size, seed=seed, **task_kwargs(args))
     except (ValueError, KeyError) as e:
         fail(f"unknown task {args.task!r}: not gsm8k and not a reasoning-gym dataset ({str(e).splitlines()[0]})")
+    except (TypeError, AssertionError) as e:  # an unknown keyword; a check of the dataset's config
+        fail(f"reasoning-gym's {name} refused --task-kwargs {args.task_kwargs} ({str(e).splitlines()[0]})")
+
+
+def default_answer_format(args):
+    """'hash' for gsm8k and for reasoning-gym datasets whose answers are numbers (judged on a few generated
+    entries), else 'tags'. Tasks registered in TASKS other than gsm8k bring their own prompts."""
+    if args.task in TASKS:
+        return "hash" if args.task == "gsm8k" else None
+    entries = reasoning_gym_dataset(args, 8, args.seed)
+    return "hash" if all(re.fullmatch(NUMBER, str(e["answer"]).strip()) for e in entries) else "tags"
+
+
+def load_reasoning_gym(args):
+    """A reasoning-gym dataset, scored by its own score_answer on the reply's final answer."""
+    n_test = args.eval_size or 200
+    train = reasoning_gym_dataset(args, args.train_size, args.seed)
+    extra = reasoning_gym_dataset(args, 2 * n_test, args.seed + 1_000_003)
     seen = {entry["question"] for entry in train}  # small puzzle spaces repeat: keep held-out prompts unseen
     test = [entry for entry in extra if entry["question"] not in seen][:n_test]
 
-    def score(completion, entry, finished=True):  # an unclosed <answer> tag is unparsed anyway
-        answer = extract_answer(completion)
+    def score(completion, entry, finished=True):
+        answer = final_answer(completion, finished, args.answer_format)
         return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
 
-    return SimpleNamespace(train=list(train), test=test,
-                           prompt=lambda ex: f"{ex['question']}\n\n{RG_INSTRUCTION}", score=score)
+    return SimpleNamespace(train=list(train), test=test, prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
+                           score=score)
 
 
 TASKS = {"gsm8k": load_gsm8k}  # anything else is looked up in reasoning-gym; tests add toy tasks here
@@ -395,21 +443,34 @@ def autocast(args, device):
     return torch.autocast(device_type=device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
 
 
-def load_policy(args, device, path=None):
-    """The trainable policy, a frozen reference (full fine-tuning with KL only) and the tokenizer, from
-    path (default: --model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = path or args.model
+def cannot_load(args, e):
+    fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
+
+
+def load_tokenizer(args, path):
+    from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
+        cannot_load(args, e)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         fail(f"{args.model!r} has no chat template; use a chat or instruct model")
+    return tokenizer
+
+
+def load_policy(args, device, path=None):
+    """The trainable policy, a frozen reference (full fine-tuning with KL only) and the tokenizer, from
+    path (default: --model)."""
+    from transformers import AutoModelForCausalLM
+    path = path or args.model
+    tokenizer = load_tokenizer(args, path)
+    try:
+        # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        cannot_load(args, e)
     budget = getattr(model.config, "max_position_embeddings", None)
     if budget and args.max_prompt_tokens + args.max_new_tokens > budget:
         fail(f"--max-prompt-tokens + --max-new-tokens = {args.max_prompt_tokens + args.max_new_tokens} exceeds the model's context of {budget} tokens")
@@ -564,7 +625,9 @@ def start_engine(args, model_path):
                    gpu_memory_utilization=args.gpu_memory_utilization,
                    logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
                    enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
-                   enforce_eager=args.device == "cpu", **extra)
+                   enforce_eager=args.device == "cpu",
+                   # The CPU build crashes on a seeded request whose prompt is split over steps (its generator has no offset).
+                   enable_chunked_prefill=args.device != "cpu", **extra)
     except (ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
         lines = [line.strip() for line in str(e).strip().splitlines() if not line.strip().startswith("For further information")]
         fail(f"vLLM could not start on {model_path!r}: {lines[-1][:200] if lines else type(e).__name__}")
@@ -829,7 +892,7 @@ def save_checkpoint(path, model, opt, step, args):
 
 # Settings that change the prompts, the samples or the loss: a resume with any of them changed is a
 # different experiment. The rest (steps, evaluation, saving, memory, logging) may change.
-RESUME_MUST_MATCH = ("task", "model", "data_dir", "train_size", "max_prompt_tokens", "seed", "prompts_per_step", "group_size",
+RESUME_MUST_MATCH = ("task", "task_kwargs", "answer_format", "model", "data_dir", "train_size", "max_prompt_tokens", "seed", "prompts_per_step", "group_size",
                      "max_new_tokens", "temperature", "dtype", "loss", "seq_logp", "eta", "clip_eps", "kl_coef", "lr",
                      "weight_decay", "max_grad_norm", "epochs", "lora_rank", "lora_alpha", "p_old")
 
@@ -945,6 +1008,8 @@ def main(argv=None):
         print(f"CPU: engine and trainer on cores {','.join(map(str, pin_cpus(args)))}; --dtype {args.dtype}, --p-old {args.p_old}"
               + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 runs the trainer about 1.6x faster at a ~0.04 log-prob mismatch"
                  if args.dtype == "float32" and cpu_has_bf16() else ""))
+    if args.probe:
+        return probe(args)
     try:
         run = set_up(args)
     except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
@@ -1022,6 +1087,41 @@ def request_stop(stop):
     print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
     stop.append(True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ---------------------------------------------------------------------------
+# Probe: can the model already solve a task sometimes? (RL needs some successes to learn from)
+# ---------------------------------------------------------------------------
+
+def probe(args):
+    """K samples for each of the first --probe training prompts with the model as it is: mean reward, the share
+    of prompts with at least one full-score reply, and how many replies had a parsable answer."""
+    t0 = time.time()
+    task = TASKS.get(args.task, load_reasoning_gym)(args)
+    path = model_folder(args.model)
+    tokenizer = load_tokenizer(args, path)
+    examples = [task.train[prompt_index(j, len(task.train), args.seed)] for j in range(min(args.probe, len(task.train)))]
+    batch, dropped = encode_prompts(task, examples, tokenizer, args)
+    if not batch:
+        fail(f"all {dropped} probed prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    llm = start_engine(args, path)
+    outs = generate(llm, [ids for ids, _ in batch], args.group_size, args, seeds=[sampling_seed(args, 1, j) for j in range(len(batch))])
+    rb = score_rollout(task, batch, outs)
+    n = rb.rewards.numel()
+    result = {"task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format, "model": args.model,
+              "prompts": len(batch), "K": args.group_size, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+              "reward_mean": rb.rewards.mean().item(),
+              "frac_prompts_with_success": (rb.rewards.max(-1).values >= 1).float().mean().item(),
+              "parsed": n - round(rb.unparsed * n), "replies": n, "truncated_frac": sum(c.truncated for c in rb.completions) / n,
+              "completion_len_mean": sum(len(c.token_ids) for c in rb.completions) / n, "seconds": time.time() - t0}
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, "probe.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"probe {args.task} ({args.answer_format} answers): mean reward {result['reward_mean']:.3f} over {len(batch)} prompts x {args.group_size} "
+          f"replies; {result['frac_prompts_with_success']:.0%} of prompts have a full-score reply; {result['parsed']} of {n} replies "
+          f"parsable; {result['truncated_frac']:.0%} cut off at {args.max_new_tokens} tokens; {result['seconds']:.0f} s; wrote {out}")
+    return result
 
 
 # ---------------------------------------------------------------------------

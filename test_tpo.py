@@ -964,28 +964,28 @@ def test_gsm8k_offline_files_and_bad_rows(tmp_path):
     rows = [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}]
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    task = llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path)))
+    task = llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path), answer_format="hash"))
     assert task.score("#### 2", task.test[0]) == 1.0 and "####" in task.prompt(task.train[0])
     (tmp_path / "test.jsonl").write_text(json.dumps({"question": "x", "answer": "no marker"}) + "\n")
     with pytest.raises(SystemExit):
-        llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path)))
+        llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path), answer_format="hash"))
 
 
 def test_reasoning_gym_scoring_hand_cases():
-    args = SimpleNamespace(task="knights_knaves", train_size=5, eval_size=3, seed=0)
+    args = SimpleNamespace(task="knights_knaves", train_size=5, eval_size=3, seed=0, task_kwargs=None, answer_format="tags")
     task = llm_rlvr.load_reasoning_gym(args)
     entry = task.train[0]
     assert task.score(f"reasoning... <answer>{entry['answer']}</answer>", entry) == 1.0
     flipped = entry["answer"].replace("knight", "KNX").replace("knave", "knight").replace("KNX", "knave")
     assert task.score(f"<answer>{flipped}</answer>", entry) == 0.0
     assert task.score(entry["answer"], entry) is None  # no answer tags: unparsed
-    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_coloring", train_size=5, eval_size=3, seed=0))
+    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_coloring", train_size=5, eval_size=3, seed=0, task_kwargs=None, answer_format="tags"))
     g = graph.train[0]
     assert graph.score(f"<answer>{json.dumps(g['metadata']['possible_answer'])}</answer>", g) == 1.0
-    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_color", train_size=2000, eval_size=50, seed=0))
+    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_color", train_size=2000, eval_size=50, seed=0, task_kwargs=None, answer_format="tags"))
     assert len(graph.test) == 50 and not {e["question"] for e in graph.test} & {e["question"] for e in graph.train}
     with pytest.raises(SystemExit):
-        llm_rlvr.load_reasoning_gym(SimpleNamespace(task="no_such_task", train_size=5, eval_size=3, seed=0))
+        llm_rlvr.load_reasoning_gym(SimpleNamespace(task="no_such_task", train_size=5, eval_size=3, seed=0, task_kwargs=None, answer_format="tags"))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
@@ -1223,6 +1223,55 @@ def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
         assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads)) == cores and pinned[-1] == cores, load
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # the engine binds to the same cores
+
+
+CHAIN_SUM_1_DIGIT = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+
+
+def test_numeric_tasks_ask_for_hash_answers_scored_by_reasoning_gym(capsys):
+    args = llm_rlvr.parser.parse_args(["--task", "chain_sum", "--task-kwargs", CHAIN_SUM_1_DIGIT, "--train-size", "20", "--eval-size", "4"])
+    llm_rlvr.check_args(args)
+    assert args.answer_format == "hash"  # chain_sum's answers are numbers
+    task = llm_rlvr.load_reasoning_gym(args)
+    entry = task.train[0]
+    assert len(entry["question"]) < 80 and "####" in task.prompt(entry)  # 2 one-digit terms, not the default config
+    gold = int(entry["answer"])
+    assert task.score(f"so it is {gold - 1}... no.\n#### {gold}", entry) == 1.0
+    assert task.score(f"#### {gold + 1}", entry) == 0.0
+    assert task.score(f"The answer is {gold}.", entry, True) == 1.0 and task.score(f"The answer is {gold}", entry, False) is None
+    assert task.score(f"#### {gold}.0", entry) == 1.0  # compared as reasoning-gym writes the number
+    for name, fmt in (("knights_knaves", "tags"), ("gsm8k", "hash")):
+        args = llm_rlvr.parser.parse_args(["--task", name])
+        llm_rlvr.check_args(args)
+        assert args.answer_format == fmt, name
+    args = llm_rlvr.parser.parse_args(["--task", "chain_sum", "--answer-format", "tags", "--train-size", "5", "--eval-size", "2"])
+    llm_rlvr.check_args(args)
+    task = llm_rlvr.load_reasoning_gym(args)
+    entry = task.train[0]
+    assert "<answer>" in task.prompt(entry) and task.score(f"<answer>{entry['answer']}</answer>", entry) == 1.0
+    assert task.score(f"#### {entry['answer']}", entry) is None
+
+
+@pytest.mark.parametrize("kwargs,words", [("{min_terms: 2}", "not valid JSON"), ("[2]", "JSON object"),
+                                          ('{"bogus": 1}', "refused"), ('{"min_terms": 3, "max_terms": 2}', "refused")])
+def test_bad_task_kwargs_are_one_sentence(kwargs, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.check_args(llm_rlvr.parser.parse_args(["--task", "chain_sum", "--task-kwargs", kwargs]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_probe_reports_the_base_reward_and_trains_nothing(tiny_model, tmp_path, capsys):
+    result = llm_rlvr.main(["--task", "chain_sum", "--task-kwargs", CHAIN_SUM_1_DIGIT, "--model", tiny_model, "--device", "cpu",
+                            "--probe", "3", "--group-size", "4", "--max-new-tokens", "12", "--max-prompt-tokens", "200",
+                            "--out-dir", str(tmp_path / "run")])
+    gc.collect()
+    assert result == json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert sorted(os.listdir(tmp_path / "run")) == ["probe.json"]  # no checkpoint, log or config: nothing was trained
+    assert (result["prompts"], result["replies"], result["answer_format"]) == (3, 12, "hash")
+    assert 0 <= result["reward_mean"] <= 1 and result["frac_prompts_with_success"] * 3 in (0, 1, 2, 3)
+    assert 0 <= result["parsed"] <= 12 and result["task_kwargs"]["max_digits"] == 1
+    assert "wrote " + str(tmp_path / "run" / "probe.json") in capsys.readouterr().out
 
 
 def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logprobs(tiny_model, tmp_path):
