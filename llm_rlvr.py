@@ -607,7 +607,9 @@ def pin_cpus(args):
     cpus = cpus[:n]
     os.sched_setaffinity(0, cpus)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # else the engine binds cores of its own choosing
-    torch.set_num_threads(len(cpus))  # the engine makes this a no-op once it has bound its threads
+    # torch._C's setter, not torch.set_num_threads: an engine started earlier in this process (tests) replaced
+    # that with a no-op, and more threads than cores, spinning at OpenMP barriers, stall like a busy core.
+    torch._C.set_num_threads(len(cpus))
     return cpus
 
 
@@ -936,160 +938,6 @@ def set_rng_state(state):
 
 
 # ---------------------------------------------------------------------------
-# Main loop: rollout -> score -> p_old -> update -> push -> log
-# ---------------------------------------------------------------------------
-
-def train_step(run, step, args):
-    """One RL step; returns its log record."""
-    P, K = args.prompts_per_step, args.group_size
-    t = {}
-    with timed(t, "generate"):
-        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in range(P)]
-        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
-        if args.device == "cuda":
-            run.llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
-    with timed(t, "score"):
-        rb = score_rollout(run.task, batch, outs)
-    with timed(t, "logprobs"):
-        old_logprobs(rb, run, args)
-    run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
-    with timed(t, "update"):
-        stats, first_lp = update(run.model, run.opt, rb.seqs, rb.rewards, rb.lp_old, rb.lp_ref, args, run.pad_id, run.device)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    with timed(t, "push"):
-        if args.device == "cuda":
-            run.llm.wake_up()
-        run.adapter = push_weights(run.llm, run.model, args, step, run.adapter)
-    record = step_record(step, rb, stats, first_lp, t, run.opt, args)
-    if args.eval_every and step % args.eval_every == 0:
-        with timed(record, "t_eval"):
-            record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(run.llm, run.task, run.test, args, run.adapter)
-    return record
-
-
-def train(run, args, stop):
-    """Steps after run.start up to --steps, until stop fills; returns (last finished step, last saved step)."""
-    done = saved = run.start
-    try:
-        if run.start == 0 and args.eval_every:
-            acc, unparsed = evaluate(run.llm, run.task, run.test, args, run.adapter)
-            append(run.log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
-            print(f"step 0 | held-out accuracy {acc:.3f} on {len(run.test)} prompts (greedy)")
-        for step in range(run.start + 1, args.steps + 1):
-            if stop:
-                break
-            record = train_step(run, step, args)
-            append(run.log_path, record, args)
-            print(progress(record, args), flush=True)
-            done, run.mid_update = step, False
-            if args.save_every and step % args.save_every == 0:
-                saved = save_checkpoint(run.ckpt_path, run.model, run.opt, step, args)
-        if done > saved:
-            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
-    except Exception:
-        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
-        if done > saved and not run.mid_update:
-            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
-        kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
-        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
-                                                    if done > saved else ""), file=sys.stderr)
-        raise
-    return done, saved
-
-
-def main(argv=None):
-    args = parser.parse_args(argv)
-    check_args(args)
-    check_resources(args)
-    if args.benchmark:
-        return benchmark(args)
-    if args.device == "cpu":
-        print(f"CPU: engine and trainer on cores {','.join(map(str, pin_cpus(args)))}; --dtype {args.dtype}, --p-old {args.p_old}"
-              + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 runs the trainer about 1.6x faster at a ~0.04 log-prob mismatch"
-                 if args.dtype == "float32" and cpu_has_bf16() else ""))
-    if args.probe:
-        return probe(args)
-    try:
-        run = set_up(args)
-    except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
-        print("\ninterrupted during start-up (data, model or engine); no step was run", file=sys.stderr)
-        sys.exit(130)
-    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
-    stop = []
-    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        done, saved = train(run, args, stop)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if stop:
-        print(f"stopped: step {done} saved to {run.ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
-        sys.exit(130)
-    log = read_log(run.log_path)
-    plot(log, args, os.path.join(args.out_dir, "curves.png"))
-    print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
-    return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
-
-
-def set_up(args):
-    """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
-    device = torch.device(args.device)
-    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path, args)
-    elif os.path.exists(ckpt_path):
-        fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
-    torch.manual_seed(args.seed)
-    task = TASKS.get(args.task, load_reasoning_gym)(args)
-    path = model_folder(args.model)
-    model, ref, tokenizer = load_policy(args, device, path)
-    train, dropped = encode_prompts(task, task.train, tokenizer, args)
-    test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
-    if not train:
-        fail(f"all {dropped} training prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
-    if args.eval_every and not test:
-        fail("no held-out prompt fits --max-prompt-tokens; raise it or pass --eval-every 0")
-    if dropped or dropped_test:
-        print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, opt)
-        kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
-        kept = [line for line in kept if json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)  # steps after the checkpoint will be redone
-        print(f"resumed from step {start}")
-    elif os.path.exists(log_path):
-        os.remove(log_path)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-
-    llm = start_engine(args, path)
-    adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
-    if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
-        set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
-    if args.wandb:
-        import wandb
-        wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
-    return SimpleNamespace(task=task, train=train, test=test, model=model, ref=ref, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
-                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
-                           mid_update=False)
-
-
-def request_stop(stop):
-    print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
-    stop.append(True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-# ---------------------------------------------------------------------------
 # Probe: can the model already solve a task sometimes? (RL needs some successes to learn from)
 # ---------------------------------------------------------------------------
 
@@ -1191,6 +1039,160 @@ def benchmark(args):
                       mfu=None if peak is None else flops / sec / 1e12 / peak)
     print(json.dumps(result, indent=1))
     return result
+
+
+# ---------------------------------------------------------------------------
+# Main loop: rollout -> score -> p_old -> update -> push -> log
+# ---------------------------------------------------------------------------
+
+def set_up(args):
+    """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
+    device = torch.device(args.device)
+    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path, args)
+    elif os.path.exists(ckpt_path):
+        fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
+    torch.manual_seed(args.seed)
+    task = TASKS.get(args.task, load_reasoning_gym)(args)
+    path = model_folder(args.model)
+    model, ref, tokenizer = load_policy(args, device, path)
+    train, dropped = encode_prompts(task, task.train, tokenizer, args)
+    test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
+    if not train:
+        fail(f"all {dropped} training prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    if args.eval_every and not test:
+        fail("no held-out prompt fits --max-prompt-tokens; raise it or pass --eval-every 0")
+    if dropped or dropped_test:
+        print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = 0
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, opt)
+        kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
+        kept = [line for line in kept if json.loads(line)["step"] <= start]
+        with open(log_path, "w") as f:
+            f.writelines(kept)  # steps after the checkpoint will be redone
+        print(f"resumed from step {start}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    llm = start_engine(args, path)
+    adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
+    if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
+        set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
+    if args.wandb:
+        import wandb
+        wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
+    return SimpleNamespace(task=task, train=train, test=test, model=model, ref=ref, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
+                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
+                           mid_update=False)
+
+
+def request_stop(stop):
+    print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
+    stop.append(True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def train_step(run, step, args):
+    """One RL step; returns its log record."""
+    P, K = args.prompts_per_step, args.group_size
+    t = {}
+    with timed(t, "generate"):
+        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in range(P)]
+        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
+        if args.device == "cuda":
+            run.llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
+    with timed(t, "score"):
+        rb = score_rollout(run.task, batch, outs)
+    with timed(t, "logprobs"):
+        old_logprobs(rb, run, args)
+    run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
+    with timed(t, "update"):
+        stats, first_lp = update(run.model, run.opt, rb.seqs, rb.rewards, rb.lp_old, rb.lp_ref, args, run.pad_id, run.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    with timed(t, "push"):
+        if args.device == "cuda":
+            run.llm.wake_up()
+        run.adapter = push_weights(run.llm, run.model, args, step, run.adapter)
+    record = step_record(step, rb, stats, first_lp, t, run.opt, args)
+    if args.eval_every and step % args.eval_every == 0:
+        with timed(record, "t_eval"):
+            record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(run.llm, run.task, run.test, args, run.adapter)
+    return record
+
+
+def train(run, args, stop):
+    """Steps after run.start up to --steps, until stop fills; returns (last finished step, last saved step)."""
+    done = saved = run.start
+    try:
+        if run.start == 0 and args.eval_every:
+            acc, unparsed = evaluate(run.llm, run.task, run.test, args, run.adapter)
+            append(run.log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
+            print(f"step 0 | held-out accuracy {acc:.3f} on {len(run.test)} prompts (greedy)")
+        for step in range(run.start + 1, args.steps + 1):
+            if stop:
+                break
+            record = train_step(run, step, args)
+            append(run.log_path, record, args)
+            print(progress(record, args), flush=True)
+            done, run.mid_update = step, False
+            if args.save_every and step % args.save_every == 0:
+                saved = save_checkpoint(run.ckpt_path, run.model, run.opt, step, args)
+        if done > saved:
+            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
+    except Exception:
+        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
+        if done > saved and not run.mid_update:
+            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
+        kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
+        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
+                                                    if done > saved else ""), file=sys.stderr)
+        raise
+    return done, saved
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args)
+    check_resources(args)
+    if args.benchmark:
+        return benchmark(args)
+    if args.device == "cpu":
+        print(f"CPU: engine and trainer on cores {','.join(map(str, pin_cpus(args)))}; --dtype {args.dtype}, --p-old {args.p_old}"
+              + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 runs the trainer about 1.6x faster at a ~0.04 log-prob mismatch"
+                 if args.dtype == "float32" and cpu_has_bf16() else ""))
+    if args.probe:
+        return probe(args)
+    try:
+        run = set_up(args)
+    except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
+        print("\ninterrupted during start-up (data, model or engine); no step was run", file=sys.stderr)
+        sys.exit(130)
+    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        done, saved = train(run, args, stop)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop:
+        print(f"stopped: step {done} saved to {run.ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
+        sys.exit(130)
+    log = read_log(run.log_path)
+    plot(log, args, os.path.join(args.out_dir, "curves.png"))
+    print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
+    return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
 
 
 if __name__ == "__main__":

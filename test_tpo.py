@@ -997,6 +997,7 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
                                        "--kl-coef", "0", "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--out-dir", str(tmp_path)])
     llm_rlvr.check_args(args)
     model, _, tok = llm_rlvr.load_policy(args, torch.device("cpu"))
+    llm_rlvr.pin_cpus(args)  # as main() does: unpinned, the engine may bind to a core another job keeps busy
     llm = llm_rlvr.start_engine(args, tiny_model)
     prompts = [tok(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for i in range(3)]
 
@@ -1217,12 +1218,14 @@ def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
     pinned = []
     monkeypatch.setattr(llm_rlvr.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(llm_rlvr.os, "sched_setaffinity", lambda pid, cpus: pinned.append(list(cpus)))
-    monkeypatch.setattr(llm_rlvr.torch, "set_num_threads", lambda n: None)
+    threads_set = []
+    monkeypatch.setattr(llm_rlvr.torch._C, "set_num_threads", threads_set.append)
     for load, threads, cores in [(0.2, None, [0, 1, 2, 3]), (1.4, None, [0, 1, 2]), (9.0, None, [0]), (9.0, 2, [0, 1])]:
         monkeypatch.setattr(llm_rlvr.os, "getloadavg", lambda: (load, load, load))
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
         assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads)) == cores and pinned[-1] == cores, load
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # the engine binds to the same cores
+        assert threads_set[-1] == len(cores)
 
 
 CHAIN_SUM_1_DIGIT = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
