@@ -141,7 +141,8 @@ def check_args(args):
         args.lora_alpha = 2.0 * args.lora_rank
     if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
         fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
-    task_kwargs(args)
+    if task_kwargs(args) and args.task in TASKS:
+        fail(f"--task-kwargs sets a reasoning-gym dataset's options; {args.task} takes none")
     if args.answer_format is None and not args.benchmark:
         args.answer_format = default_answer_format(args)
     if args.dtype is None:

@@ -1256,10 +1256,12 @@ def test_numeric_tasks_ask_for_hash_answers_scored_by_reasoning_gym(capsys):
 
 
 @pytest.mark.parametrize("kwargs,words", [("{min_terms: 2}", "not valid JSON"), ("[2]", "JSON object"),
-                                          ('{"bogus": 1}', "refused"), ('{"min_terms": 3, "max_terms": 2}', "refused")])
+                                          ('{"bogus": 1}', "refused"), ('{"min_terms": 3, "max_terms": 2}', "refused"),
+                                          ('{"min_terms": 2}', "gsm8k takes none")])
 def test_bad_task_kwargs_are_one_sentence(kwargs, words, capsys):
+    task = "gsm8k" if "gsm8k" in words else "chain_sum"
     with pytest.raises(SystemExit) as e:
-        llm_rlvr.check_args(llm_rlvr.parser.parse_args(["--task", "chain_sum", "--task-kwargs", kwargs]))
+        llm_rlvr.check_args(llm_rlvr.parser.parse_args(["--task", task, "--task-kwargs", kwargs]))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
 
