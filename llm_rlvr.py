@@ -409,15 +409,22 @@ def load_reasoning_gym(args):
     """A reasoning-gym dataset, scored by its own score_answer on the reply's final answer."""
     n_test = args.eval_size or 200
     train = reasoning_gym_dataset(args, args.train_size, args.seed)
-    extra = reasoning_gym_dataset(args, 2 * n_test, args.seed + 1_000_003)
-    seen = {entry["question"] for entry in train}  # small puzzle spaces repeat: keep held-out prompts unseen
-    test = [entry for entry in extra if entry["question"] not in seen][:n_test]
+    test = list({entry["question"]: entry for entry in reasoning_gym_dataset(args, n_test, args.seed + 1_000_003)}.values())
+    # Small puzzle spaces (2 one-digit terms: 100 sums) repeat: the held-out questions are set aside first and
+    # left out of training, so held-out accuracy is on prompts never trained on, however small the space.
+    held_out = {entry["question"] for entry in test}
+    train_kept = [entry for entry in train if entry["question"] not in held_out]
+    if not train_kept:
+        fail(f"every training prompt of {args.task} is one of the {len(test)} held-out questions; lower --eval-size")
+    if len(train_kept) < len(train):
+        print(f"{len(train) - len(train_kept)} of {len(train)} training prompts repeat one of the {len(test)} held-out "
+              f"questions and were left out")
 
     def score(completion, entry, finished=True):
         answer = final_answer(completion, finished, args.answer_format)
         return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
 
-    return SimpleNamespace(train=list(train), test=test, prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
+    return SimpleNamespace(train=train_kept, test=test, prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
                            score=score)
 
 

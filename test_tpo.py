@@ -1299,6 +1299,18 @@ def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
 CHAIN_SUM_1_DIGIT = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
 
 
+def test_a_small_puzzle_space_keeps_its_held_out_questions_out_of_training(capsys):
+    # 2 one-digit terms: about 100 distinct sums, so 2,000 training prompts would cover every question
+    args = llm_rlvr.parser.parse_args(["--task", "chain_sum", "--task-kwargs", CHAIN_SUM_1_DIGIT, "--train-size", "2000",
+                                       "--eval-size", "32"])
+    llm_rlvr.check_args(args)
+    task = llm_rlvr.load_reasoning_gym(args)
+    held_out = {e["question"] for e in task.test}
+    assert 10 <= len(held_out) == len(task.test) <= 32
+    assert task.train and not held_out & {e["question"] for e in task.train}
+    assert "were left out" in capsys.readouterr().out
+
+
 def test_numeric_tasks_ask_for_hash_answers_scored_by_reasoning_gym(capsys):
     args = llm_rlvr.parser.parse_args(["--task", "chain_sum", "--task-kwargs", CHAIN_SUM_1_DIGIT, "--train-size", "20", "--eval-size", "4"])
     llm_rlvr.check_args(args)
