@@ -662,7 +662,7 @@ def pin_cpus(args):
     the operating system moves the other job off our cores.
     """
     cpus = sorted(os.sched_getaffinity(0))
-    n = args.threads or max(1, len(cpus) - round(os.getloadavg()[0]))
+    n = args.threads or tpo.idle_cores(len(cpus))
     cpus = cpus[:n]
     os.sched_setaffinity(0, cpus)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # else the engine binds cores of its own choosing

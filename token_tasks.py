@@ -574,16 +574,6 @@ def train(method, args, seeds, progress=False):
     return {k: torch.stack(v, 1) if v[0] is not None else None for k, v in log.items()}
 
 
-def idle_cores():
-    """Cores not already busy (cores minus the 1-minute load average), at least 1, at most torch's default.
-
-    torch's intra-op threads wait for each other at every operation, so one thread on a core that another
-    job is using holds all of them back: on a shared machine fewer threads finish sooner.
-    """
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
-
-
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -679,7 +669,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.report:
         return reprint(args.report)
-    torch.set_num_threads(args.threads or idle_cores())
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), tpo.idle_cores(os.cpu_count() or 1)))
     if args.benchmark:
         return benchmark()
     methods = check_args(args)

@@ -27,6 +27,7 @@ Conventions shared by every function below:
 """
 
 import math
+import os
 
 import torch
 
@@ -313,3 +314,14 @@ def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None
     if beta:
         loss = loss + beta * masked_mean(kl_penalty(logp, ref), mask)
     return loss
+
+
+def idle_cores(n):
+    """How many of n cores other processes leave idle: n minus the 1-minute load average, at least 1.
+
+    Not part of the method, but every trainer here sizes its CPU threads with it: torch's (and vLLM's)
+    OpenMP threads wait for each other at every operation, so one thread on a core that another job
+    keeps busy holds all of them back, and on a shared machine fewer threads finish sooner.
+    """
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, n - busy)
