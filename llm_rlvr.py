@@ -53,6 +53,10 @@ import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
+# The CPU engine's start-up reports its NUMA memory binding as a C++ warning; torch reads this level once, at import.
+if "--verbose" not in sys.argv:
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 import numpy as np
 import torch
 
@@ -106,7 +110,7 @@ parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>
 parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
 parser.add_argument("--kv-cache-gib", type=float, default=None, help="fixed KV-cache size instead of a share of memory (default on the CPU: 1)")
 parser.add_argument("--threads", type=int, default=None,
-                    help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle, judged by the load average)")
+                    help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle, judged by their CPU time over half a second)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
 parser.add_argument("--verbose", action="store_true",
@@ -116,6 +120,8 @@ parser.add_argument("--probe", type=int, default=0, metavar="N",
 parser.add_argument("--benchmark", action="store_true", help="time the update phase on random weights (no engine, no download) and exit")
 parser.add_argument("--bench-config", default=None, help="benchmark: a config.json for the model shape (default: Qwen3-1.7B's)")
 parser.add_argument("--bench-iters", type=int, default=3, help="benchmark: timed update steps after one warm-up")
+parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                    help="draw the reward and held-out curves of finished runs into one figure, print a table, write both to --out-dir (default: runs/compare) and exit")
 
 
 def fail(msg):
@@ -940,6 +946,67 @@ def plot(log, args, path):
     plt.close(fig)
 
 
+def compare(args):
+    """--compare: several finished runs (e.g. --loss tpo and grpo at one seed) in one figure and one table.
+    The train reward is a mean over only P x K samples a step, so the figure also draws its 5-step moving
+    average; the table gives the mean reward and reply length of the first and of the last 10 steps and
+    the held-out accuracy at the first and the last evaluation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for d in args.compare:
+        log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
+        if not (os.path.exists(log_path) and os.path.exists(config_path)):
+            fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
+        with open(config_path) as f:
+            config = json.load(f)
+        log = read_log(log_path)
+        train = [r for r in log if "reward_mean" in r]
+        evals = [r for r in log if "eval_accuracy" in r]
+        if not train:
+            fail(f"{d} has no finished step")
+        rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
+        runs.append({"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"],
+                     "reward_first10": sum(rewards[:10]) / len(rewards[:10]), "reward_last10": sum(rewards[-10:]) / len(rewards[-10:]),
+                     "length_first10": sum(lengths[:10]) / len(lengths[:10]), "length_last10": sum(lengths[-10:]) / len(lengths[-10:]),
+                     "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
+                     "train_steps": [r["step"] for r in train], "train_reward": rewards, "task": config["task"],
+                     "seconds_per_step": sum(sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push")) for r in train) / len(train)})
+
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.6))
+    losses, seeds, w = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs}), 5
+    for r in runs:  # colour = loss, line style = seed
+        label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
+        windows = (r["train_reward"][max(0, j - w + 1):j + 1] for j in range(len(r["train_reward"])))
+        smooth = [sum(x) / len(x) for x in windows]
+        ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
+        ax_r.plot(r["train_steps"], smooth, color=color, linestyle=style, label=label)
+        if r["eval_steps"]:
+            ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
+    ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: {w}-step average)")
+    ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
+    for ax in (ax_r, ax_e):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir = args.out_dir or os.path.join("runs", "compare")
+    os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
+    plt.close(fig)
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump(runs, f, indent=1)
+    print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 | reply tokens, steps 1-10 -> last 10 "
+          "| held-out accuracy, first -> last | s per step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        held = (f"{r['eval_accuracy'][0]:.3f} (step {r['eval_steps'][0]}) -> {r['eval_accuracy'][-1]:.3f} (step {r['eval_steps'][-1]})"
+                if r["eval_steps"] else "not evaluated")
+        print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
+              f"| {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} | {r['seconds_per_step']:.0f} |")
+    print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
+    return runs
+
 
 # ---------------------------------------------------------------------------
 # Checkpoints: trainable weights, optimizer, step; written atomically
@@ -1230,6 +1297,8 @@ def train(run, args, stop):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args)
     library_logs(args.verbose)
     check_args(args)
     check_resources(args)

@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -709,8 +712,24 @@ def test_optimizer_adam_gives_every_tensor_to_adam(monkeypatch):
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     for load, threads in [(0.1, 2), (1.2, 1), (3.0, 1)]:
-        monkeypatch.setattr(tpo.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(tpo, "busy_cores", lambda: load)
         assert tpo.idle_cores(2) == threads, load
+
+
+def test_busy_cores_sees_a_spinning_process_at_once():
+    # The load average would need about a minute to see it, and as long to forget it.
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no kernel CPU counters here")
+    before = tpo.busy_cores(0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        during = tpo.busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0 <= before <= os.cpu_count() + 0.01 and during >= 0.8, (before, during)
+    assert during - before >= 0.5 or before >= os.cpu_count() - 0.5, (before, during)
 
 
 def test_plot_title_has_no_moving_average_over_one_episode(tmp_path, monkeypatch):
@@ -1116,6 +1135,32 @@ def test_llm_plot_has_no_held_out_entry_without_evaluations(tmp_path, monkeypatc
         assert len(figures[-1].axes[0].get_legend().get_texts()) == entries
 
 
+def test_compare_draws_several_runs_and_tabulates_them(tmp_path, capsys):
+    times = {"t_generate": 1.0, "t_score": 0.0, "t_logprobs": 0.5, "t_update": 2.0, "t_push": 0.5}
+    runs = []
+    for loss, rewards, evals in [("tpo", [0.0] * 10 + [0.5] * 12, [0.25, 0.5]), ("grpo", [0.1] * 22, [0.25, 0.25])]:
+        d = tmp_path / loss
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"loss": loss, "seed": 3, "task": "chain_sum"}))
+        log = [{"step": 0, "eval_accuracy": evals[0]}]
+        log += [{"step": i + 1, "reward_mean": r, "completion_len_mean": 40 - i, **times} for i, r in enumerate(rewards)]
+        log += [{"step": 22, "eval_accuracy": evals[1]}]
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        runs.append(str(d))
+    out = tmp_path / "cmp"
+    result = llm_rlvr.main(["--compare", *runs, "--out-dir", str(out)])
+    assert [(r["loss"], r["steps"]) for r in result] == [("tpo", 22), ("grpo", 22)]
+    assert result[0]["reward_first10"] == 0.0 and result[0]["reward_last10"] == 0.5 and result[1]["reward_last10"] == pytest.approx(0.1)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert "| 0.000 -> 0.500 | 36 -> 24 | 0.250 (step 0) -> 0.500 (step 22) | 4 |" in rows[0] and len(rows) == 2
+    assert (out / "compare.png").stat().st_size > 0 and json.loads((out / "compare.json").read_text())[1]["loss"] == "grpo"
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.main(["--compare", runs[0], str(tmp_path / "cmp")])  # a folder without a log
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "cmp is not a run folder" in err and len(err.splitlines()) == 1
+
+
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):
     def crashing_task(args):
         task = digits_task(args)
@@ -1287,7 +1332,7 @@ def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
     threads_set = []
     monkeypatch.setattr(llm_rlvr.torch._C, "set_num_threads", threads_set.append)
     for load, threads, cores in [(0.2, None, [0, 1, 2, 3]), (1.4, None, [0, 1, 2]), (9.0, None, [0]), (9.0, 2, [0, 1])]:
-        monkeypatch.setattr(llm_rlvr.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(tpo, "busy_cores", lambda: load)
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
         assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads)) == cores and pinned[-1] == cores, load
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # the engine binds to the same cores

@@ -144,8 +144,8 @@ parser.add_argument("--layers", type=int, default=2, help="transformer layers (p
 parser.add_argument("--heads", type=int, default=2, help="attention heads (authors' code: 2; paper's text: 4)")
 parser.add_argument("--seed", type=int, default=0, help="seed i of a run uses generator seed --seed + i")
 parser.add_argument("--threads", type=int, default=0,
-                    help="CPU threads (default: one per core that other processes leave idle, judged by the load "
-                         "average at start; torch's threads slow down several-fold when one of them shares a core)")
+                    help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
+                         "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None, help="JSON path (default results/token_tasks_<reward>_<target>.json); PNG beside it")
 parser.add_argument("--resume", action="store_true",
                     help="keep the methods already finished in --out (same settings) and train only the others")

@@ -28,6 +28,7 @@ Conventions shared by every function below:
 
 import math
 import os
+import time
 
 import torch
 
@@ -317,11 +318,31 @@ def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None
 
 
 def idle_cores(n):
-    """How many of n cores other processes leave idle: n minus the 1-minute load average, at least 1.
+    """How many of n cores other processes leave idle: n minus busy_cores(), at least 1.
 
     Not part of the method, but every trainer here sizes its CPU threads with it: torch's (and vLLM's)
     OpenMP threads wait for each other at every operation, so one thread on a core that another job
     keeps busy holds all of them back, and on a shared machine fewer threads finish sooner.
     """
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, n - busy)
+    return max(1, n - round(busy_cores()))
+
+
+def busy_cores(window=0.5):
+    """Cores in use by all processes over the next `window` seconds, from the kernel's CPU time counters
+    (/proc/stat: busy = all time but idle and I/O wait); where there are none, the 1-minute load average.
+
+    Not the load average where the counters exist: it decays over minutes, so a run started just after
+    another one ended (the next line of a sweep) would still count the finished run's cores as busy.
+    """
+    def ticks():  # (all time, idle time) in clock ticks, summed over the machine's cores
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(fields), fields[3] + fields[4]
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(window)
+        total1, idle1 = ticks()
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
