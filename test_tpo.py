@@ -746,6 +746,19 @@ def test_plot_title_has_no_moving_average_over_one_episode(tmp_path, monkeypatch
         assert ("moving average" in title) == (phrase is not None) and (phrase is None or phrase in title), title
 
 
+
+def test_a_method_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    # PPO and DG have no groups, so no all-fail curve: the next method must not take their colours there.
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    grouped = {"error_mean": [0.5, 0.2], "grad_norm_mean": [1.0, 0.5], "all_fail_fraction_mean": [0.9, 0.1], "target_mass_success_mean": None}
+    single = {**grouped, "all_fail_fraction_mean": None}
+    tt.plot({"tpo": grouped, "ppo": single, "grpo_no_kl": grouped}, token_args("--episodes", "2"), str(tmp_path / "r.png"))
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
+               for ax in figures[-1].axes[:3]]
+    assert colours[2] == {"tpo": colours[0]["tpo"], "grpo_no_kl": colours[0]["grpo_no_kl"]} and len(set(colours[0].values())) == 3
+
 # ---------------------------------------------------------------------------
 # token_tasks.py: the authors' model (initialisation, activation, groups)
 # ---------------------------------------------------------------------------

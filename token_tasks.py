@@ -782,9 +782,9 @@ def plot(results, args, path):
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, (key, label, scale) in zip(axes, panels):
-        for m, r in results.items():
-            if r[key] is not None:
-                ax.plot(smooth(r[key]), label=m, lw=1)
+        for i, (m, r) in enumerate(results.items()):
+            if r[key] is not None:  # a method keeps its colour in every panel, even where another has no curve
+                ax.plot(smooth(r[key]), label=m, lw=1, color=f"C{i}")
         ax.set(xlabel="episode", ylabel=label)
         ax.set_yscale(scale, **({"nonpositive": "mask"} if scale == "log" else {}))  # an exact 0 leaves a gap
     axes[0].axhline(0.01, color="grey", lw=0.5, ls=":")
