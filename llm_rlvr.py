@@ -903,13 +903,18 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
     }
 
 
+def step_seconds(r):
+    """A logged step's wall time: the sum of its phases."""
+    return sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push"))
+
+
 def progress(r, args):
     """The step's progress line; phase times are wall seconds of this step."""
     return (f"step {r['step']}/{args.steps} | reward {r['reward_mean']:.3f} | all-equal groups {r['frac_groups_all_equal']:.0%} "
             f"| len {r['completion_len_mean']:.0f} (trunc {r['truncated_frac']:.0%}) | loss {r['loss']:.4f} | grad {r['grad_norm']:.3f} "
             f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
             f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
-            f"= {sum(r[k] for k in ('t_generate', 't_score', 't_logprobs', 't_update', 't_push')):.1f}s "
+            f"= {step_seconds(r):.1f}s "
             f"| {r['tokens_per_s']:.0f} tok/s" + (f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""))
 
 
@@ -955,6 +960,9 @@ def compare(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def mean(xs):
+        return sum(xs) / len(xs)
+
     runs = []
     for d in args.compare:
         log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
@@ -968,19 +976,18 @@ def compare(args):
         if not train:
             fail(f"{d} has no finished step")
         rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
-        runs.append({"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"],
-                     "reward_first10": sum(rewards[:10]) / len(rewards[:10]), "reward_last10": sum(rewards[-10:]) / len(rewards[-10:]),
-                     "length_first10": sum(lengths[:10]) / len(lengths[:10]), "length_last10": sum(lengths[-10:]) / len(lengths[-10:]),
+        runs.append({"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
+                     "reward_first10": mean(rewards[:10]), "reward_last10": mean(rewards[-10:]),
+                     "length_first10": mean(lengths[:10]), "length_last10": mean(lengths[-10:]),
                      "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
-                     "train_steps": [r["step"] for r in train], "train_reward": rewards, "task": config["task"],
-                     "seconds_per_step": sum(sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push")) for r in train) / len(train)})
+                     "train_steps": [r["step"] for r in train], "train_reward": rewards,
+                     "seconds_per_step": mean([step_seconds(r) for r in train])})
 
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.6))
     losses, seeds, w = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs}), 5
     for r in runs:  # colour = loss, line style = seed
         label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
-        windows = (r["train_reward"][max(0, j - w + 1):j + 1] for j in range(len(r["train_reward"])))
-        smooth = [sum(x) / len(x) for x in windows]
+        smooth = [mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
         ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
         ax_r.plot(r["train_steps"], smooth, color=color, linestyle=style, label=label)
         if r["eval_steps"]:
