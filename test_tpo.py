@@ -854,7 +854,7 @@ def test_batched_seeds_give_the_same_result_as_separate_runs(method, reward):
 def test_summary_final_error_is_last_5_percent_and_steps_to_1pct_is_first_hit():
     err = torch.tensor([[0.5] * 30 + [0.02] * 50 + [0.004] * 20, [0.5] * 30 + [0.0] * 70])
     log = {"error": err, "grad_norm": torch.ones(2, 100), "all_fail": None, "target_mass": None}
-    r = tt.summarise(log, tt.parser.parse_args(["--episodes", "100"]), 0.0)
+    r = tt.summarise(log | {"seconds": 0.0}, tt.parser.parse_args(["--episodes", "100"]))
     assert r["final_error"] == pytest.approx(0.002)  # last 5 episodes, mean over seeds
     assert r["steps_to_1pct"] == 80  # seed mean 0.01 at episode 30 is not below 1%; 0.002 at 80 is
     assert r["final_error_se"] == pytest.approx(0.002)  # sample std over seeds / sqrt(seeds)
@@ -903,6 +903,34 @@ def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "other settings (H)" in err and len(err.splitlines()) == 1
 
+
+
+def test_resume_continues_a_stopped_or_shorter_run_bit_for_bit(tmp_path, monkeypatch, capsys):
+    run = lambda out, *extra: tt.main(TOKEN_TINY + ["--reward", "terminal", "--methods", "tpo", "--out", str(tmp_path / out),
+                                                    *extra])
+    without_seconds = lambda r: {k: v for k, v in r["tpo"].items() if k != "seconds"}
+    whole = without_seconds(run("whole.json", "--episodes", "6"))
+    run("part.json", "--episodes", "3")  # a finished, shorter run: carried on to 6 below
+    rollout, calls = tt.rollout, []
+
+    def stop_at_fifth_episode(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("stopped")
+        return rollout(*a)
+    monkeypatch.setattr(tt, "rollout", stop_at_fifth_episode)
+    with pytest.raises(RuntimeError):
+        run("part.json", "--episodes", "6", "--resume")  # episodes 3 and 4 run and are saved; 5 is interrupted
+    assert "continuing from episode 3" in capsys.readouterr().out
+    monkeypatch.setattr(tt, "rollout", rollout)
+    assert without_seconds(run("part.json", "--episodes", "6", "--resume")) == whole
+    assert "continuing from episode 5" in capsys.readouterr().out
+    assert without_seconds(run("part.json", "--episodes", "6")) == whole  # without --resume: a fresh run, same seeds
+    assert "continuing" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run("part.json", "--episodes", "4", "--resume")
+    err = capsys.readouterr().err.strip()
+    assert "ran 6 episodes" in err and len(err.splitlines()) == 1
 
 # ---------------------------------------------------------------------------
 # llm_rlvr.py: the real loop on vLLM's CPU build and a tiny random Qwen3

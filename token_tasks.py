@@ -18,8 +18,12 @@ whole answer is right).
     python token_tasks.py --benchmark                           # seconds per seed-episode, GFLOP/s
     python token_tasks.py --report results/token_tasks_terminal_reverse_copy.json   # reprint a saved run's table
 
-The JSON is rewritten after each method; --resume with the same --out and
-settings keeps the methods already finished and trains the rest.
+The JSON is rewritten after each method, and each method's whole training
+state (parameters, optimizer, random generators, curves) is saved beside it
+every tenth of the run. --resume with the same --out and settings keeps the
+finished methods, continues an interrupted one from its last save, and, given
+a larger --episodes, carries finished ones on to it: a resumed run is the run
+that was never stopped, bit for bit.
 
 The paper's settings (the defaults here): V = 2, H = 10, K = 8 candidates,
 B = 100 prompts per episode, 4 gradient epochs per rollout batch for PPO,
@@ -148,7 +152,8 @@ parser.add_argument("--threads", type=int, default=0,
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None, help="JSON path (default results/token_tasks_<reward>_<target>.json); PNG beside it")
 parser.add_argument("--resume", action="store_true",
-                    help="keep the methods already finished in --out (same settings) and train only the others")
+                    help="same --out and settings: keep finished methods, continue an interrupted one from its "
+                         "last save, carry finished ones on to a larger --episodes")
 parser.add_argument("--report", metavar="JSON", default=None,
                     help="print the table of a finished run's JSON and redraw its PNG, without training")
 parser.add_argument("--benchmark", action="store_true",
@@ -531,8 +536,12 @@ def target_mass(method, b, args):
     return (mass * has).sum(1) / has.sum(1).clamp(min=1)
 
 
-def train(method, args, seeds, progress=False):
-    """Train one method for every seed in `seeds` at once; curves [S, episodes]."""
+def train(method, args, seeds, progress=False, ckpt=None, config=None):
+    """Train one method for every seed in `seeds` at once; curves [S, episodes] and the training seconds.
+
+    ckpt: a path where the whole training state is saved every tenth of the
+    run and at its end; training continues from it if it exists.
+    """
     loss_fn, kind, multi_epoch = METHODS[method]
     S = len(seeds)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -547,8 +556,23 @@ def train(method, args, seeds, progress=False):
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in adam]
     t = 0  # optimizer steps taken, for the bias corrections
     log = {"error": [], "grad_norm": [], "all_fail": [], "target_mass": []}
+    start, before = 0, 0.0  # episodes and seconds of earlier sessions
+    if ckpt and os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=False)  # our own file: plain tensors, lists and numbers
+        changed = sorted(k for k in config if k != "episodes" and state["config"].get(k) != config[k])
+        if changed:
+            fail(f"cannot resume {method} from {ckpt}: it was run with other settings ({', '.join(changed)})")
+        if state["episode"] > args.episodes:
+            fail(f"cannot resume {method} from {ckpt}: it has {state['episode']} episodes, more than --episodes")
+        with torch.no_grad():
+            for dst, src in zip(list(P.values()) + momenta + [x for mv in moments for x in mv], state["tensors"]):
+                dst.copy_(src)
+        for g, s in zip(gens, state["gens"]):
+            g.set_state(s)
+        t, log, start, before = state["t"], state["log"], state["episode"], state["seconds"]
+        print(f"  {method}: continuing from episode {start} of {ckpt}", flush=True)
     t0, every = time.time(), max(1, args.episodes // 10)
-    for episode in range(args.episodes):
+    for episode in range(start, args.episodes):
         b = rollout(P, kind, args, gens, n_prompts)
         for epoch in range(args.epochs if multi_epoch else 1):
             lp = answer_logprobs(P, b.x, b.y)
@@ -571,7 +595,14 @@ def train(method, args, seeds, progress=False):
         if progress and (episode + 1) % every == 0:
             print(f"  {method} episode {episode + 1}/{args.episodes}: error {float(log['error'][-1].mean()):.4f} "
                   f"(mean over {S} seeds), {time.time() - t0:.0f}s", flush=True)
-    return {k: torch.stack(v, 1) if v[0] is not None else None for k, v in log.items()}
+        if ckpt and ((episode + 1) % every == 0 or episode + 1 == args.episodes):
+            state = {"config": config, "episode": episode + 1, "t": t, "log": log, "seconds": before + time.time() - t0,
+                     "gens": [g.get_state() for g in gens],
+                     "tensors": list(P.values()) + momenta + [x for mv in moments for x in mv]}
+            torch.save(state, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)  # a run killed while saving keeps the previous save
+    curves = {k: torch.stack(v, 1) if v[0] is not None else None for k, v in log.items()}
+    return curves | {"seconds": before + time.time() - t0}
 
 
 def fail(msg):
@@ -617,7 +648,7 @@ def load_finished(out, config):
         finished, old = saved["methods"], saved["config"]
     except (OSError, ValueError, KeyError) as e:
         fail(f"cannot resume from {out}: it is not a results file of this script ({e})")
-    changed = sorted(k for k in config if old.get(k) != config[k])
+    changed = sorted(k for k in config if k != "episodes" and old.get(k) != config[k])  # more episodes: carried on
     if changed:
         fail(f"cannot resume from {out}: it was run with other settings ({', '.join(changed)}); use another --out")
     return finished
@@ -628,7 +659,7 @@ def first_below(curve, level=0.01):
     return int(hit[0]) if len(hit) else None
 
 
-def summarise(log, args, seconds):
+def summarise(log, args):
     err, S = log["error"], log["error"].shape[0]
     last = max(1, round(0.05 * args.episodes))
     final = err[:, -last:].mean(1)  # [S]
@@ -642,7 +673,7 @@ def summarise(log, args, seconds):
         "final_error": float(final.mean()), "final_error_se": float(final.std() / math.sqrt(S)) if S > 1 else None,
         "final_error_per_seed": final.tolist(),
         "steps_to_1pct": first_below(err.mean(0)),
-        "seconds": seconds,
+        "seconds": log["seconds"],
     }
 
 
@@ -682,16 +713,25 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}: {', '.join(methods)}, {args.seeds} seeds x "
           f"{args.episodes} episodes on {torch.get_num_threads()} CPU thread(s)", flush=True)
+    ckpt_dir = os.path.splitext(out)[0] + ".ckpt"  # one training state per method
+    os.makedirs(ckpt_dir, exist_ok=True)
     for i, m in enumerate(methods):
-        if m in results:
+        ckpt = os.path.join(ckpt_dir, f"{m}.pt")
+        done = len(results[m]["error_mean"]) if m in results else 0
+        if done == args.episodes:
             print(f"[{i + 1}/{len(methods)}] {m}: kept from {out}", flush=True)
             continue
+        if done > args.episodes or (done and not os.path.exists(ckpt)):
+            fail(f"cannot resume {m} from {out}: it ran {done} episodes and "
+                 + ("--episodes asks for fewer" if done > args.episodes else f"its training state {ckpt} is gone"))
+        if not args.resume and os.path.exists(ckpt):
+            os.remove(ckpt)  # a fresh run must not pick up an old one's state
         t0 = time.time()
-        log = train(m, args, range(args.seed, args.seed + args.seeds), progress=True)
-        results[m] = summarise(log, args, time.time() - t0)
+        log = train(m, args, range(args.seed, args.seed + args.seeds), progress=True, ckpt=ckpt, config=config)
+        results[m] = summarise(log, args)
         print(f"[{i + 1}/{len(methods)}] {m}: {args.episodes} episodes x {args.seeds} seeds in {time.time() - t0:.1f}s, "
               f"final error {results[m]['final_error']:.4f}", flush=True)
-        with open(out, "w") as f:  # after every method, so an interrupted run loses at most one (see --resume)
+        with open(out, "w") as f:  # the finished methods; an interrupted one continues from its training state
             json.dump({"config": config, "methods": results}, f)
     results = {m: results[m] for m in methods}
 
