@@ -286,6 +286,21 @@ def test_grpo_masked_is_the_mean_over_informative_groups_only():
     torch.testing.assert_close(tpo.grpo_loss(logp, logp_old, A, mask=keep), plain * 10 + 0.04 * kl_informative)
 
 
+def test_tpo_masked_leaves_out_flat_groups_and_differs_from_tpo_only_there():
+    # 3 groups of K = 4, the last two scored all alike; after an update p != p_old, so plain TPO's flat groups
+    # pull p back to p_old while the masked loss is the informative group's alone
+    scores = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4])
+    logp_old = torch.randn(3, 4)
+    logp = (logp_old + 0.5 * torch.randn(3, 4)).requires_grad_()
+    keep = tpo.informative_groups(scores)[:, None].expand(3, 4)
+    masked = tpo.tpo_loss(logp, logp_old, scores, mask=keep)
+    torch.testing.assert_close(masked, tpo.tpo_loss(logp[:1], logp_old[:1], scores[:1]))
+    g_masked, = torch.autograd.grad(masked, logp)
+    g_plain, = torch.autograd.grad(tpo.tpo_loss(logp, logp_old, scores), logp)
+    assert g_masked[1:].abs().max() == 0 and g_plain[1:].abs().min() > 0
+    torch.testing.assert_close(g_plain[0] * 3, g_masked[0])  # the same pull on the informative group, mean over 1 not 3
+
+
 def test_kl_penalty_and_masked_mean_keep_small_values_in_bfloat16():
     d = 0.015625  # exact in bfloat16; KL = exp(-d) + d - 1 = 1.2e-4, which bfloat16 arithmetic rounds to 0
     k = tpo.kl_penalty(torch.tensor([-1.0], dtype=torch.bfloat16), torch.tensor([-1.0 - d], dtype=torch.bfloat16))
@@ -805,7 +820,7 @@ def test_token_groups_are_K_draws_per_state_with_the_played_token_first():
 @pytest.mark.parametrize("reward,methods", [
     ("bag_of_tokens", "tpo_token,grpo_token,ppo,dg,pg,tpo,grpo"),
     ("sequential", "tpo_token,grpo_token,ppo,dg,pg"),
-    ("terminal", "tpo,tpo_no_anchor,grpo,grpo_no_kl,grpo_masked,group_pg,ppo,dg,pg"),
+    ("terminal", "tpo,tpo_no_anchor,tpo_masked,grpo,grpo_no_kl,grpo_masked,group_pg,ppo,dg,pg"),
 ])
 def test_every_method_runs_a_few_episodes(tmp_path, reward, methods):
     out = tmp_path / "r.json"

@@ -85,11 +85,13 @@ Methods (losses from tpo.py; each episode draws B fresh prompts):
         token reward (sequential reward: 0 for every candidate at a state
         after the behaviour's first mistake). Group = those K draws,
         candidate log-prob = its token log-prob.
-  tpo, tpo_no_anchor, grpo, grpo_no_kl, grpo_masked, group_pg   K full answers
+  tpo, tpo_no_anchor, tpo_masked, grpo, grpo_no_kl, grpo_masked, group_pg   K full answers
         per prompt, score = mean token reward (for terminal reward:
         exact match), candidate log-prob = the sum of its H token log-probs.
         GRPO uses token-level ratios with the sequence's group advantage and
         a per-token KL (beta 0.04) to the rollout policy, as DeepSeekMath's GRPO.
+        The _masked variants leave out the groups scored all alike (the
+        paper's diagnostic for GRPO; tpo_masked is ours, not the paper's).
   ppo, dg, pg   one answer per prompt (the behaviour trajectory); each answer
         token is an action with advantage = its position's reward minus that
         position's mean over the batch (the paper's transformer PPO has no
@@ -403,12 +405,19 @@ def grpo_token(lp, b, args):
     return tpo.grpo_loss(lp.gather(-1, b.cand), b.lp_old.gather(-1, b.cand), tpo.group_advantages(b.cand_r))
 
 
-def tpo_seq(lp, b, args):
-    return tpo.tpo_loss(seq_logp(lp, b), seq_logp(b.lp_old, b), b.scores, eta=args.eta)
+def tpo_seq(lp, b, args, anchor=True, masked=False):
+    mask = tpo.informative_groups(b.scores)[..., None].expand_as(b.scores) if masked else None
+    return tpo.tpo_loss(seq_logp(lp, b), seq_logp(b.lp_old, b), b.scores, eta=args.eta, anchor=anchor, mask=mask)
 
 
 def tpo_no_anchor(lp, b, args):
-    return tpo.tpo_loss(seq_logp(lp, b), seq_logp(b.lp_old, b), b.scores, eta=args.eta, anchor=False)
+    return tpo_seq(lp, b, args, anchor=False)
+
+
+def tpo_masked(lp, b, args):
+    # not in the paper: on epochs 2+ a group scored all alike pulls p back to p_old (there q = p_old);
+    # masking such groups shows how much that pull slows the escape from an all-fail start
+    return tpo_seq(lp, b, args, masked=True)
 
 
 def grpo_seq(lp, b, args, beta=0.04, masked=False):
@@ -456,6 +465,7 @@ METHODS = {
     "grpo_token": (grpo_token, "token", True),
     "tpo": (tpo_seq, "group", True),
     "tpo_no_anchor": (tpo_no_anchor, "group", True),
+    "tpo_masked": (tpo_masked, "group", True),
     "grpo": (grpo_seq, "group", True),
     "grpo_no_kl": (grpo_no_kl, "group", True),
     "grpo_masked": (grpo_masked, "group", True),
@@ -523,7 +533,7 @@ def all_fail_fraction(kind, b):
 
 def target_mass(method, b, args):
     """Mean over groups with a success of the TPO target's mass on successful candidates: [S]."""
-    if method not in ("tpo_token", "tpo", "tpo_no_anchor"):
+    if method not in ("tpo_token", "tpo", "tpo_no_anchor", "tpo_masked"):
         return None
     if method == "tpo_token":
         logp_old, scores = b.lp_old.gather(-1, b.cand), b.cand_r
