@@ -912,7 +912,8 @@ def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, caps
     assert "tpo: kept from" in capsys.readouterr().out
     assert both["tpo"] == first["tpo"] and list(both) == ["tpo", "dg"]
     assert tt.main(["--report", out]) == both  # reprints the table from the JSON alone
-    assert "episodes to 1%" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "episodes to 1%" in printed and "all-fail < 90%" in printed
     with pytest.raises(SystemExit):
         tt.main(TOKEN_TINY + ["--reward", "terminal", "--H", "4", "--methods", "tpo", "--out", out, "--resume"])
     err = capsys.readouterr().err.strip()
@@ -946,6 +947,12 @@ def test_resume_continues_a_stopped_or_shorter_run_bit_for_bit(tmp_path, monkeyp
         run("part.json", "--episodes", "4", "--resume")
     err = capsys.readouterr().err.strip()
     assert "ran 6 episodes" in err and len(err.splitlines()) == 1
+    (tmp_path / "part.ckpt" / "tpo.pt").write_bytes(b"not a training state")
+    with pytest.raises(SystemExit):
+        run("part.json", "--episodes", "7", "--resume")
+    err = capsys.readouterr().err.strip()
+    assert "not a training state" in err and len(err.splitlines()) == 1
+
 
 # ---------------------------------------------------------------------------
 # llm_rlvr.py: the real loop on vLLM's CPU build and a tiny random Qwen3

@@ -567,15 +567,19 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
     t = 0  # optimizer steps taken, for the bias corrections
     log = {"error": [], "grad_norm": [], "all_fail": [], "target_mass": []}
     start, before = 0, 0.0  # episodes and seconds of earlier sessions
+    state_tensors = list(P.values()) + momenta + [x for mv in moments for x in mv]
     if ckpt and os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=False)  # our own file: plain tensors, lists and numbers
+        try:
+            state = torch.load(ckpt, weights_only=False)  # our own file: plain tensors, lists and numbers
+        except Exception as e:
+            fail(f"cannot resume {method} from {ckpt}: it is not a training state of this script ({e})")
         changed = sorted(k for k in config if k != "episodes" and state["config"].get(k) != config[k])
         if changed:
             fail(f"cannot resume {method} from {ckpt}: it was run with other settings ({', '.join(changed)})")
         if state["episode"] > args.episodes:
             fail(f"cannot resume {method} from {ckpt}: it has {state['episode']} episodes, more than --episodes")
         with torch.no_grad():
-            for dst, src in zip(list(P.values()) + momenta + [x for mv in moments for x in mv], state["tensors"]):
+            for dst, src in zip(state_tensors, state["tensors"]):
                 dst.copy_(src)
         for g, s in zip(gens, state["gens"]):
             g.set_state(s)
@@ -607,8 +611,7 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
                   f"(mean over {S} seeds), {time.time() - t0:.0f}s", flush=True)
         if ckpt and ((episode + 1) % every == 0 or episode + 1 == args.episodes):
             state = {"config": config, "episode": episode + 1, "t": t, "log": log, "seconds": before + time.time() - t0,
-                     "gens": [g.get_state() for g in gens],
-                     "tensors": list(P.values()) + momenta + [x for mv in moments for x in mv]}
+                     "gens": [g.get_state() for g in gens], "tensors": state_tensors}
             torch.save(state, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)  # a run killed while saving keeps the previous save
     curves = {k: torch.stack(v, 1) if v[0] is not None else None for k, v in log.items()}
@@ -688,22 +691,27 @@ def summarise(log, args):
 
 
 def report(results, args):
-    """The table on stdout: final error, episodes to 1%, and how the first-epoch gradient norm and the share
-    of all-fail groups moved from the first to the last 5% of episodes."""
+    """The table on stdout: final error, episodes to 1%, how the first-epoch gradient norm and the share
+    of all-fail groups moved from the first to the last 5% of episodes, and the first episode whose share
+    of all-fail groups is below 90% (when learning leaves an all-fail start)."""
     unit = "exact-match error" if args.reward == "terminal" else "token error"
     print(f"\n{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
           f"{args.matching}-matched, {args.seeds} seeds, {args.episodes} episodes")
     print(f"({unit} = 1 - mean reward of the episode's own rollouts; final = mean of the last 5% of episodes, "
           "mean ± standard error over seeds; episodes to 1% = first episode (from 0) whose seed-mean error is below 0.01; "
-          "grad norm and all-fail groups: seed mean, first 5% -> last 5% of episodes)")
-    print(f"{'method':14s} {'final error':>20s} {'episodes to 1%':>15s} {'grad norm':>18s} {'all-fail groups':>16s}")
+          "grad norm and all-fail groups: seed mean, first 5% -> last 5% of episodes; all-fail < 90%: first episode "
+          "whose seed-mean share of all-fail groups is below 0.9)")
+    print(f"{'method':14s} {'final error':>20s} {'episodes to 1%':>15s} {'grad norm':>18s} {'all-fail groups':>16s} "
+          f"{'all-fail < 90%':>15s}")
     n = max(1, round(0.05 * args.episodes))
     ends = lambda c: "" if c is None else f"{sum(c[:n]) / n:.3g} -> {sum(c[-n:]) / n:.3g}"
     for m, r in results.items():
         se = f" ± {r['final_error_se']:.4f}" if r["final_error_se"] is not None else ""
         hit = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
+        fails = r["all_fail_fraction_mean"]
+        left = "" if fails is None else first_below(torch.tensor(fails), 0.9)
         print(f"{m:14s} {r['final_error']:11.4f}{se:9s} {hit:>15s} {ends(r['grad_norm_mean']):>18s} "
-              f"{ends(r['all_fail_fraction_mean']):>16s}")
+              f"{ends(fails):>16s} {'never' if left is None else left:>15}")
 
 
 def main(argv=None):
@@ -736,10 +744,9 @@ def main(argv=None):
                  + ("--episodes asks for fewer" if done > args.episodes else f"its training state {ckpt} is gone"))
         if not args.resume and os.path.exists(ckpt):
             os.remove(ckpt)  # a fresh run must not pick up an old one's state
-        t0 = time.time()
         log = train(m, args, range(args.seed, args.seed + args.seeds), progress=True, ckpt=ckpt, config=config)
         results[m] = summarise(log, args)
-        print(f"[{i + 1}/{len(methods)}] {m}: {args.episodes} episodes x {args.seeds} seeds in {time.time() - t0:.1f}s, "
+        print(f"[{i + 1}/{len(methods)}] {m}: {args.episodes} episodes x {args.seeds} seeds in {log['seconds']:.1f}s, "
               f"final error {results[m]['final_error']:.4f}", flush=True)
         with open(out, "w") as f:  # the finished methods; an interrupted one continues from its training state
             json.dump({"config": config, "methods": results}, f)
