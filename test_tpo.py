@@ -914,6 +914,11 @@ def test_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, caps
     assert tt.main(["--report", out]) == both  # reprints the table from the JSON alone
     printed = capsys.readouterr().out
     assert "episodes to 1%" in printed and "all-fail < 90%" in printed
+    again = tt.main(TOKEN_TINY + ["--reward", "terminal", "--methods", "dg", "--out", out, "--resume"])
+    assert again == both and list(again) == ["dg", "tpo"]  # a method --methods leaves out stays in the file
+    assert tt.main(["--report", out]) == again
+    longer = tt.main(TOKEN_TINY + ["--reward", "terminal", "--methods", "dg", "--out", out, "--resume", "--episodes", "4"])
+    assert list(longer) == ["dg"] and "left out of" in capsys.readouterr().out  # tpo ran 3 episodes, not 4
     with pytest.raises(SystemExit):
         tt.main(TOKEN_TINY + ["--reward", "terminal", "--H", "4", "--methods", "tpo", "--out", out, "--resume"])
     err = capsys.readouterr().err.strip()

@@ -154,8 +154,8 @@ parser.add_argument("--threads", type=int, default=0,
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None, help="JSON path (default results/token_tasks_<reward>_<target>.json); PNG beside it")
 parser.add_argument("--resume", action="store_true",
-                    help="same --out and settings: keep finished methods, continue an interrupted one from its "
-                         "last save, carry finished ones on to a larger --episodes")
+                    help="same --out and settings: keep finished methods (also those --methods leaves out), "
+                         "continue an interrupted one from its last save, carry finished ones on to a larger --episodes")
 parser.add_argument("--report", metavar="JSON", default=None,
                     help="print the table of a finished run's JSON and redraw its PNG, without training")
 parser.add_argument("--benchmark", action="store_true",
@@ -750,6 +750,13 @@ def main(argv=None):
               f"final error {results[m]['final_error']:.4f}", flush=True)
         with open(out, "w") as f:  # the finished methods; an interrupted one continues from its training state
             json.dump({"config": config, "methods": results}, f)
+    # --resume with fewer --methods keeps the file's other methods of the same length; one of another length
+    # would be mislabelled by this run's settings, so it is dropped and named
+    others = [m for m in results if m not in methods]
+    dropped = [m for m in others if len(results[m]["error_mean"]) != args.episodes]
+    if dropped:
+        print(f"left out of {out}: {', '.join(dropped)} (run for another number of episodes)", flush=True)
+    methods += [m for m in others if m not in dropped]
     results = {m: results[m] for m in methods}
 
     report(results, args)
