@@ -544,7 +544,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import token_tasks as tt  # noqa: E402
 
-TOKEN_TINY = ["--H", "3", "--V", "2", "--K", "4", "--B", "6", "--seeds", "2", "--episodes", "3", "--epochs", "2"]
+TOKEN_TINY = ["--H", "3", "--V", "2", "--K", "4", "--B", "6", "--seeds", "2", "--episodes", "3", "--epochs", "2",
+              "--device", "cpu"]  # the CPU even where a GPU is: several tests compare runs bit for bit
 
 
 def token_args(*extra):
@@ -828,6 +829,7 @@ def test_every_method_runs_a_few_episodes(tmp_path, reward, methods):
     saved = json.loads(out.read_text())
     assert (tmp_path / "r.png").exists()
     assert list(saved["methods"]) == methods.split(",") == list(results)
+    assert "CPU thread" in saved["device"]  # where it ran is saved with its results
     for m, r in saved["methods"].items():
         assert len(r["error_mean"]) == len(r["grad_norm_mean"]) == 3
         assert all(0 <= e <= 1 for e in r["error_mean"]) and all(math.isfinite(g) for g in r["grad_norm_mean"])
@@ -887,6 +889,18 @@ def test_first_epoch_tpo_gradient_vanishes_when_every_group_scores_alike():
     assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_packed_forward_on_the_gpu_matches_the_cpu():
+    # random draws stay on the CPU generators, so both devices see the same prompts; only rounding differs
+    args = token_args("--H", "4", "--K", "3", "--B", "5")
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    P = tt.init_params(args, gens)
+    b = tt.rollout(P, "group", args, gens, args.B)
+    cpu = tt.answer_logprobs(P, b.x, b.y)
+    gpu = tt.answer_logprobs({k: v.detach().cuda() for k, v in P.items()}, b.x.cuda(), b.y.cuda())
+    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # token_tasks.py: refusals in one sentence, before the first step
 # ---------------------------------------------------------------------------
@@ -897,6 +911,7 @@ def test_first_epoch_tpo_gradient_vanishes_when_every_group_scores_alike():
     (["--methods", "tpo,nope"], "unknown method"),
     (["--H", "1"], "--H"),
     (["--K", "1"], "--K"),
+    (["--device", "tpu0"], "--device tpu0 is not usable"),
 ])
 def test_bad_arguments_are_refused_in_one_sentence(argv, words, capsys):
     with pytest.raises(SystemExit):

@@ -75,7 +75,11 @@ samples from its own generator, so a seed's run does not depend on how many
 run beside it). Rollouts encode each prompt once and decode one token per
 step from a key/value cache; the update scores every answer token in one
 teacher-forced pass in which a prompt and its K answers share one packed row
-(see answer_logprobs). `--benchmark` times terminal-reward TPO.
+(see answer_logprobs). `--benchmark` times terminal-reward TPO. On a GPU
+(`--device cuda`, the default where there is one) the model and optimizer
+run there while every random draw still comes from the seed's CPU generator,
+so a seed sees the same prompts and uniforms on either device and the runs
+differ only through rounding. A GPU is launch-bound at one seed: batch seeds.
 
 Methods (losses from tpo.py; each episode draws B fresh prompts):
   tpo_token, grpo_token   dense rewards only: one behaviour answer per prompt;
@@ -149,6 +153,9 @@ parser.add_argument("--d-model", type=int, default=64, help="transformer width (
 parser.add_argument("--layers", type=int, default=2, help="transformer layers (paper: 2)")
 parser.add_argument("--heads", type=int, default=2, help="attention heads (authors' code: 2; paper's text: 4)")
 parser.add_argument("--seed", type=int, default=0, help="seed i of a run uses generator seed --seed + i")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model trains (default: cuda when there is a GPU); random draws stay on the CPU, "
+                         "so a seed draws the same prompts and uniforms on any device")
 parser.add_argument("--threads", type=int, default=0,
                     help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
@@ -197,9 +204,9 @@ def candidate_rewards(reward, correct, cand_correct):
     raise ValueError(f"{reward} reward has no per-token candidate score")
 
 
-def per_seed(gens, draw):
-    """One draw per seed from its own generator, stacked on a leading seed dimension."""
-    return torch.stack([draw(g) for g in gens])
+def per_seed(gens, draw, device=None):
+    """One draw per seed from its own (CPU) generator, stacked on a leading seed dimension, moved to device."""
+    return torch.stack([draw(g) for g in gens]).to(device)
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def init_params(args, gens):
                     "w_out": lecun(g, d, d, V), "b_out": torch.zeros(1, V)}
 
     seeds = [one_seed(g) for g in gens]
-    return {k: torch.stack([s[k] for s in seeds]).requires_grad_(True) for k in seeds[0]}
+    return {k: torch.stack([s[k] for s in seeds]).to(args.device).requires_grad_(True) for k in seeds[0]}
 
 
 def n_layers(P):
@@ -269,7 +276,7 @@ def merge_heads(o, S):
 def embed(P, tokens, pos):
     # tokens [S, n, T] at positions pos [T] -> [S, n*T, d]
     S, n, T = tokens.shape
-    h = P["tok_emb"][torch.arange(S).view(S, 1, 1), tokens] + P["pos_emb"][:, None, pos]
+    h = P["tok_emb"][torch.arange(S, device=tokens.device).view(S, 1, 1), tokens] + P["pos_emb"][:, None, pos]
     return h.view(S, n * T, -1)
 
 
@@ -294,19 +301,19 @@ def answer_logprobs(P, x, y):
     pos = torch.cat([torch.arange(H), torch.arange(H, 2 * H - 1).repeat(K)])
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     allowed = causal & ((answer_of[None, :] == -1) | (answer_of[None, :] == answer_of[:, None]))
-    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf"))  # additive: faster than a bool mask on the CPU
+    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf")).to(x.device)  # additive: faster than bool on the CPU
     nh = P["0.bqkv"].shape[-2]
 
     def attend(l, qkv):
         q, k, v = split_heads(qkv, T, nh)
         return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), S)
 
-    h = embed(P, torch.cat([x, y[..., :-1].reshape(S, B, K * (H - 1))], -1), pos)  # [S, B*T, d]
+    h = embed(P, torch.cat([x, y[..., :-1].reshape(S, B, K * (H - 1))], -1), pos.to(x.device))  # [S, B*T, d]
     for l in range(n_layers(P)):
         h = block(P, l, h, attend)
     # answer k's token t is predicted at the prompt's last position (t = 0) or at its own token t-1
     rows = torch.cat([torch.full((K, 1), H - 1), H + (H - 1) * torch.arange(K)[:, None] + torch.arange(H - 1)], 1)
-    h = h.view(S, B, T, -1)[:, :, rows.flatten()].view(S, B * K * H, -1)
+    h = h.view(S, B, T, -1)[:, :, rows.flatten().to(x.device)].view(S, B * K * H, -1)
     return torch.log_softmax(head(P, h), -1).view(S, B * K, H, -1)
 
 
@@ -343,19 +350,19 @@ def sample(P, x, gens, n_answers=1, n_draws=1):
             return merge_heads(F.scaled_dot_product_attention(q, cache[l][0][:, :, :pos + 1], cache[l][1][:, :, :pos + 1]), S)
         return attend
 
-    h = embed(P, x, torch.arange(H))
+    h = embed(P, x, torch.arange(H, device=x.device))
     for l in range(L):
         h = block(P, l, h, prefill)
     logits = head(P, h.view(S, B, H, -1)[:, :, -1]).repeat_interleave(n_answers, 1)  # [S, N, V]
-    draws = torch.empty(S, N, H, n_draws, dtype=torch.long)
-    lp = torch.empty(S, N, H, logits.shape[-1])
+    draws = torch.empty(S, N, H, n_draws, dtype=torch.long, device=x.device)
+    lp = torch.empty(S, N, H, logits.shape[-1], device=x.device)
     for t in range(H):
         lp[:, :, t] = logits.log_softmax(-1)
         cdf = lp[:, :, t].exp().cumsum(-1)
-        u = per_seed(gens, lambda g: torch.rand(N, n_draws, generator=g))
+        u = per_seed(gens, lambda g: torch.rand(N, n_draws, generator=g), x.device)
         draws[:, :, t] = (u[..., None] > cdf[:, :, None, :]).sum(-1).clamp(max=cdf.shape[-1] - 1)  # inverse CDF
         if t < H - 1:
-            h = embed(P, draws[:, :, t:t + 1, 0], torch.tensor([H + t]))
+            h = embed(P, draws[:, :, t:t + 1, 0], torch.tensor([H + t], device=x.device))
             for l in range(L):
                 h = block(P, l, h, decode(H + t))
             logits = head(P, h)
@@ -365,7 +372,7 @@ def sample(P, x, gens, n_answers=1, n_draws=1):
 def rollout(P, kind, args, gens, n_prompts):
     """One episode's rollout batch: prompts x [S, B, H], answers y, their token rewards r [S, N, H]."""
     b = SimpleNamespace(K=args.K if kind == "group" else 1)
-    b.x = per_seed(gens, lambda g: torch.randint(args.V, (n_prompts, args.H), generator=g))
+    b.x = per_seed(gens, lambda g: torch.randint(args.V, (n_prompts, args.H), generator=g), args.device)
     correct = TARGETS[args.target](b.x, args.V).repeat_interleave(b.K, 1)  # the correct answer, per answer
     draws, _ = sample(P, b.x, gens, n_answers=b.K, n_draws=args.K if kind == "token" else 1)
     b.y = draws[..., 0]
@@ -570,7 +577,7 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
     state_tensors = list(P.values()) + momenta + [x for mv in moments for x in mv]
     if ckpt and os.path.exists(ckpt):
         try:
-            state = torch.load(ckpt, weights_only=False)  # our own file: plain tensors, lists and numbers
+            state = torch.load(ckpt, weights_only=False, map_location=args.device)  # our own file: tensors, lists, numbers
         except Exception as e:
             fail(f"cannot resume {method} from {ckpt}: it is not a training state of this script ({e})")
         changed = sorted(k for k in config if k != "episodes" and state["config"].get(k) != config[k])
@@ -582,7 +589,7 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
             for dst, src in zip(state_tensors, state["tensors"]):
                 dst.copy_(src)
         for g, s in zip(gens, state["gens"]):
-            g.set_state(s)
+            g.set_state(s.cpu())
         t, log, start, before = state["t"], state["log"], state["episode"], state["seconds"]
         print(f"  {method}: continuing from episode {start} of {ckpt}", flush=True)
     t0, every = time.time(), max(1, args.episodes // 10)
@@ -618,6 +625,13 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
     return curves | {"seconds": before + time.time() - t0}
 
 
+def where(args):
+    """The device a run trains on, in words (saved with its results)."""
+    if torch.device(args.device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(args.device))
+    return f"{torch.get_num_threads()} CPU thread(s)"
+
+
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -648,6 +662,10 @@ def check_args(args):
         fail("--d-model must be a multiple of --heads")
     if not (args.eta > 0 and args.lr > 0):
         fail("--eta and --lr must be positive")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {args.device} is not usable here ({str(e).splitlines()[0]})")
     return methods
 
 
@@ -725,12 +743,12 @@ def main(argv=None):
     out = args.out or os.path.join("results", f"token_tasks_{args.reward}_{args.target}.json")
     torch.manual_seed(args.seed)  # nothing should draw from the global generator; this makes sure it is fixed if it does
 
-    not_settings = ("methods", "resume", "threads", "out", "benchmark", "report")
+    not_settings = ("methods", "resume", "threads", "device", "out", "benchmark", "report")  # device: rounding only
     config = {k: v for k, v in vars(args).items() if k not in not_settings}
     results = load_finished(out, config) if args.resume else {}
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}: {', '.join(methods)}, {args.seeds} seeds x "
-          f"{args.episodes} episodes on {torch.get_num_threads()} CPU thread(s)", flush=True)
+          f"{args.episodes} episodes on {where(args)}", flush=True)
     ckpt_dir = os.path.splitext(out)[0] + ".ckpt"  # one training state per method
     os.makedirs(ckpt_dir, exist_ok=True)
     for i, m in enumerate(methods):
@@ -749,7 +767,7 @@ def main(argv=None):
         print(f"[{i + 1}/{len(methods)}] {m}: {args.episodes} episodes x {args.seeds} seeds in {log['seconds']:.1f}s, "
               f"final error {results[m]['final_error']:.4f}", flush=True)
         with open(out, "w") as f:  # the finished methods; an interrupted one continues from its training state
-            json.dump({"config": config, "methods": results}, f)
+            json.dump({"config": config, "device": where(args), "methods": results}, f)
     # --resume with fewer --methods keeps the file's other methods of the same length; one of another length
     # would be mislabelled by this run's settings, so it is dropped and named
     others = [m for m in results if m not in methods]
@@ -761,7 +779,7 @@ def main(argv=None):
 
     report(results, args)
     with open(out, "w") as f:
-        json.dump({"config": config | {"methods": methods}, "methods": results}, f)
+        json.dump({"config": config | {"methods": methods}, "device": where(args), "methods": results}, f)
     png = os.path.splitext(out)[0] + ".png"
     plot(results, args, png)
     print(f"\nwrote {out} and {png}")
@@ -810,13 +828,15 @@ def benchmark(episodes=5):
                               "--B", "100", "--epochs", "4", "--methods", "tpo", "--episodes", "1"])
     flops = model_flops(args, args.B * args.K * (2 * args.H - 1)) * (1 + 3 * args.epochs)
     print(f"terminal-reward TPO, H={args.H}, V={args.V}, K={args.K}, B={args.B}, {args.epochs} epochs: "
-          f"{flops / 1e9:.1f} GFLOP per seed-episode (standard count); {torch.get_num_threads()} CPU threads")
+          f"{flops / 1e9:.1f} GFLOP per seed-episode (standard count); {where(args)}")
     rows = []
     for S in (1, 8):
         train("tpo", args, range(S))  # warm-up: allocator, thread pool
         args.episodes = episodes
         t0 = time.perf_counter()
         train("tpo", args, range(S))
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()  # kernels still queued belong to the timed episodes
         sec = (time.perf_counter() - t0) / (episodes * S)
         args.episodes = 1
         rows.append({"seeds": S, "seconds_per_seed_episode": sec, "gflop_per_s": flops / sec / 1e9})
