@@ -912,6 +912,7 @@ def test_packed_forward_on_the_gpu_matches_the_cpu():
     (["--H", "1"], "--H"),
     (["--K", "1"], "--K"),
     (["--device", "tpu0"], "--device tpu0 is not usable"),
+    (["--device", "tpu0", "--benchmark"], "--device tpu0 is not usable"),
 ])
 def test_bad_arguments_are_refused_in_one_sentence(argv, words, capsys):
     with pytest.raises(SystemExit):

@@ -295,25 +295,26 @@ def answer_logprobs(P, x, y):
     earlier tokens only. The prompt is encoded once instead of K times.
     """
     S, B, H = x.shape
-    K = y.shape[1] // B
-    answer_of = torch.arange(-1, K).repeat_interleave(torch.tensor([H] + [H - 1] * K))  # -1: prompt
-    T = len(answer_of)
-    pos = torch.cat([torch.arange(H), torch.arange(H, 2 * H - 1).repeat(K)])
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    K, dev = y.shape[1] // B, x.device
+    answer_of = torch.cat([torch.full((H,), -1, device=dev), torch.arange(K, device=dev).repeat_interleave(H - 1)])
+    T = len(answer_of)  # -1 above: the prompt
+    pos = torch.cat([torch.arange(H, device=dev), torch.arange(H, 2 * H - 1, device=dev).repeat(K)])
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     allowed = causal & ((answer_of[None, :] == -1) | (answer_of[None, :] == answer_of[:, None]))
-    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf")).to(x.device)  # additive: faster than bool on the CPU
+    mask = torch.zeros(T, T, device=dev).masked_fill(~allowed, float("-inf"))  # additive: faster than bool on the CPU
     nh = P["0.bqkv"].shape[-2]
 
     def attend(l, qkv):
         q, k, v = split_heads(qkv, T, nh)
         return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), S)
 
-    h = embed(P, torch.cat([x, y[..., :-1].reshape(S, B, K * (H - 1))], -1), pos.to(x.device))  # [S, B*T, d]
+    h = embed(P, torch.cat([x, y[..., :-1].reshape(S, B, K * (H - 1))], -1), pos)  # [S, B*T, d]
     for l in range(n_layers(P)):
         h = block(P, l, h, attend)
     # answer k's token t is predicted at the prompt's last position (t = 0) or at its own token t-1
-    rows = torch.cat([torch.full((K, 1), H - 1), H + (H - 1) * torch.arange(K)[:, None] + torch.arange(H - 1)], 1)
-    h = h.view(S, B, T, -1)[:, :, rows.flatten().to(x.device)].view(S, B * K * H, -1)
+    rows = torch.cat([torch.full((K, 1), H - 1, device=dev),
+                      H + (H - 1) * torch.arange(K, device=dev)[:, None] + torch.arange(H - 1, device=dev)], 1)
+    h = h.view(S, B, T, -1)[:, :, rows.flatten()].view(S, B * K * H, -1)
     return torch.log_softmax(head(P, h), -1).view(S, B * K, H, -1)
 
 
@@ -662,10 +663,6 @@ def check_args(args):
         fail("--d-model must be a multiple of --heads")
     if not (args.eta > 0 and args.lr > 0):
         fail("--eta and --lr must be positive")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"--device {args.device} is not usable here ({str(e).splitlines()[0]})")
     return methods
 
 
@@ -737,8 +734,12 @@ def main(argv=None):
     if args.report:
         return reprint(args.report)
     torch.set_num_threads(args.threads or min(torch.get_num_threads(), tpo.idle_cores(os.cpu_count() or 1)))
+    try:  # before --benchmark too, which trains on it
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {args.device} is not usable here ({str(e).splitlines()[0]})")
     if args.benchmark:
-        return benchmark()
+        return benchmark(args.device)
     methods = check_args(args)
     out = args.out or os.path.join("results", f"token_tasks_{args.reward}_{args.target}.json")
     torch.manual_seed(args.seed)  # nothing should draw from the global generator; this makes sure it is fixed if it does
@@ -815,7 +816,7 @@ def model_flops(args, tokens):
     return tokens * per_token
 
 
-def benchmark(episodes=5):
+def benchmark(device, episodes=5):
     """Terminal-reward TPO at H=8, V=2, K=8, B=100, 4 epochs, with 1 and 8 seeds.
 
     GFLOP per seed-episode is the standard model count: the rollout as one
@@ -825,7 +826,7 @@ def benchmark(episodes=5):
     so GFLOP/s here is the standard count per second, as for the authors' code.
     """
     args = parser.parse_args(["--reward", "terminal", "--target", "reverse_copy", "--H", "8", "--V", "2", "--K", "8",
-                              "--B", "100", "--epochs", "4", "--methods", "tpo", "--episodes", "1"])
+                              "--B", "100", "--epochs", "4", "--methods", "tpo", "--episodes", "1", "--device", device])
     flops = model_flops(args, args.B * args.K * (2 * args.H - 1)) * (1 + 3 * args.epochs)
     print(f"terminal-reward TPO, H={args.H}, V={args.V}, K={args.K}, B={args.B}, {args.epochs} epochs: "
           f"{flops / 1e9:.1f} GFLOP per seed-episode (standard count); {where(args)}")
