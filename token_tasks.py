@@ -16,11 +16,18 @@ whole answer is right).
     python token_tasks.py --reward terminal --H 8 --K 32 --B 256 --episodes 2000 --methods tpo,grpo,grpo_masked    # diagnostics
     python token_tasks.py --methods tpo_token --eta 0.5         # temperature sweep: eta 0.25 ... 4
     python token_tasks.py --benchmark                           # seconds per seed-episode, GFLOP/s
-    python token_tasks.py --report results/token_tasks_terminal_reverse_copy.json   # reprint a saved run's table
+    python token_tasks.py --report results/token_tasks_terminal_reverse_copy_H8.json   # reprint a saved run's table
 
-The JSON is rewritten after each method, and each method's whole training
-state (parameters, optimizer, random generators, curves) is saved beside it
-every tenth of the run. --resume with the same --out and settings keeps the
+A run writes results/token_tasks_<reward>_<target>.json and .png, the
+name extended by every setting that is not its default, in the order of the
+arguments (--V 8 gives ..._reverse_copy_V8, --eta 0.5 ..._eta0.5, --matching
+interaction ..._interaction; --episodes is left out), so the commands above
+each keep their own files. A run refuses, in one sentence, to replace results
+or training states of other settings unless given --overwrite; a run of the
+same settings keeps the file's methods it does not train. The JSON is
+rewritten after each method, and each method's whole training state
+(parameters, optimizer, random generators, curves) is saved beside it every
+tenth of the run. --resume with the same --out and settings keeps the
 finished methods, continues an interrupted one from its last save, and, given
 a larger --episodes, carries finished ones on to it: a resumed run is the run
 that was never stopped, bit for bit.
@@ -93,9 +100,12 @@ Methods (losses from tpo.py; each episode draws B fresh prompts):
         per prompt, score = mean token reward (for terminal reward:
         exact match), candidate log-prob = the sum of its H token log-probs.
         GRPO uses token-level ratios with the sequence's group advantage and
-        a per-token KL (beta 0.04) to the rollout policy, as DeepSeekMath's GRPO.
-        The _masked variants leave out the groups scored all alike (the
-        paper's diagnostic for GRPO; tpo_masked is ours, not the paper's).
+        a per-token KL (beta 0.04) to the rollout policy (logp_old), as the
+        authors' code takes it, not to a frozen reference model as
+        DeepSeekMath's GRPO does. The _masked variants leave out the groups
+        scored all alike (the paper's diagnostic for GRPO; tpo_masked is not
+        in the paper); each seed's loss is then the mean over its own
+        informative groups, so seeds stay independent.
   ppo, dg, pg   one answer per prompt (the behaviour trajectory); each answer
         token is an action with advantage = its position's reward minus that
         position's mean over the batch (the paper's transformer PPO has no
@@ -159,10 +169,15 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--threads", type=int, default=0,
                     help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
-parser.add_argument("--out", default=None, help="JSON path (default results/token_tasks_<reward>_<target>.json); PNG beside it")
+parser.add_argument("--out", default=None,
+                    help="JSON path; PNG beside it (default results/token_tasks_<reward>_<target>, then each other "
+                         "setting that is not its default, e.g. _H8_K32_B256; --episodes is left out)")
 parser.add_argument("--resume", action="store_true",
                     help="same --out and settings: keep finished methods (also those --methods leaves out), "
                          "continue an interrupted one from its last save, carry finished ones on to a larger --episodes")
+parser.add_argument("--overwrite", action="store_true",
+                    help="replace the results and training states at --out even if they were run with other settings "
+                         "(without it such a run is refused; one with the same settings keeps the methods it does not train)")
 parser.add_argument("--report", metavar="JSON", default=None,
                     help="print the table of a finished run's JSON and redraw its PNG, without training")
 parser.add_argument("--benchmark", action="store_true",
@@ -413,9 +428,22 @@ def grpo_token(lp, b, args):
     return tpo.grpo_loss(lp.gather(-1, b.cand), b.lp_old.gather(-1, b.cand), tpo.group_advantages(b.cand_r))
 
 
+def seed_mean(loss, *tensors):
+    """The mean over seeds of loss(seed s's slice of every tensor), each a mean over that seed's own entries.
+
+    For the masked methods: a masked mean over the whole [S, ...] tensor pools every seed's informative
+    groups, so a seed's step would shrink or grow with how many its neighbours happen to have.
+    """
+    return torch.stack([loss(*(t[s] for t in tensors)) for s in range(tensors[0].shape[0])]).mean()
+
+
 def tpo_seq(lp, b, args, anchor=True, masked=False):
-    mask = tpo.informative_groups(b.scores)[..., None].expand_as(b.scores) if masked else None
-    return tpo.tpo_loss(seq_logp(lp, b), seq_logp(b.lp_old, b), b.scores, eta=args.eta, anchor=anchor, mask=mask)
+    logp, logp_old = seq_logp(lp, b), seq_logp(b.lp_old, b)
+    if not masked:
+        return tpo.tpo_loss(logp, logp_old, b.scores, eta=args.eta, anchor=anchor)
+    mask = tpo.informative_groups(b.scores)[..., None].expand_as(b.scores)
+    return seed_mean(lambda *t: tpo.tpo_loss(*t[:3], eta=args.eta, anchor=anchor, mask=t[3]),
+                     logp, logp_old, b.scores, mask)
 
 
 def tpo_no_anchor(lp, b, args):
@@ -429,11 +457,15 @@ def tpo_masked(lp, b, args):
 
 
 def grpo_seq(lp, b, args, beta=0.04, masked=False):
-    # token-level ratio and KL, every token carrying its answer's group advantage: [S, B, K, H]
+    # token-level ratio and KL, every token carrying its answer's group advantage: [S, B, K, H]. The KL is
+    # taken to the rollout policy (logp_old), as in the authors' code, not to a frozen reference model as in
+    # DeepSeekMath's GRPO: it holds each epoch's step near the policy that sampled the batch.
     logp, logp_old = grouped(token_logp(lp, b.y), b.K), grouped(token_logp(b.lp_old, b.y), b.K)
     A = tpo.group_advantages(b.scores)[..., None].expand_as(logp)
-    mask = tpo.informative_groups(b.scores)[..., None, None].expand_as(logp) if masked else None
-    return tpo.grpo_loss(logp, logp_old, A, beta=beta, mask=mask)
+    if not masked:
+        return tpo.grpo_loss(logp, logp_old, A, beta=beta)
+    mask = tpo.informative_groups(b.scores)[..., None, None].expand_as(logp)
+    return seed_mean(lambda *t: tpo.grpo_loss(*t[:3], beta=beta, mask=t[3]), logp, logp_old, A, mask)
 
 
 def grpo_no_kl(lp, b, args):
@@ -574,11 +606,11 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in adam]
     t = 0  # optimizer steps taken, for the bias corrections
     log = {"error": [], "grad_norm": [], "all_fail": [], "target_mass": []}
-    start, before = 0, 0.0  # episodes and seconds of earlier sessions
+    start, before = 0, 0.0  # episodes and seconds already trained before an interruption
     state_tensors = list(P.values()) + momenta + [x for mv in moments for x in mv]
     if ckpt and os.path.exists(ckpt):
         try:
-            state = torch.load(ckpt, weights_only=False, map_location=args.device)  # our own file: tensors, lists, numbers
+            state = torch.load(ckpt, weights_only=False, map_location=args.device)  # this script's own file: tensors, lists, numbers
         except Exception as e:
             fail(f"cannot resume {method} from {ckpt}: it is not a training state of this script ({e})")
         changed = sorted(k for k in config if k != "episodes" and state["config"].get(k) != config[k])
@@ -600,7 +632,9 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
             lp = answer_logprobs(P, b.x, b.y)
             if epoch == 0:
                 b.lp_old = lp.detach()  # the rollout policy: parameters have not moved since sampling
-            loss = loss_fn(lp, b, args) * S  # losses average over seeds; x S keeps each seed's gradient its own
+            # every loss is the mean over seeds of each seed's own mean (equal counts, or seed_mean): x S makes
+            # it their sum, so each seed's parameters get exactly the gradient of its own loss
+            loss = loss_fn(lp, b, args) * S
             for p in P.values():
                 p.grad = None
             loss.backward()
@@ -663,28 +697,77 @@ def check_args(args):
         fail("--d-model must be a multiple of --heads")
     if not (args.eta > 0 and args.lr > 0):
         fail("--eta and --lr must be positive")
+    if args.resume and args.overwrite:
+        fail("--resume keeps what --out holds and --overwrite replaces it: choose one")
     return methods
+
+
+def default_out(config):
+    """results/token_tasks_<reward>_<target>, then every setting that differs from its default, in the order of
+    the arguments: e.g. results/token_tasks_terminal_reverse_copy_H8_K32_B256.json. --episodes is left out, so a
+    longer run of the same settings finds the shorter one (--resume carries it on)."""
+    name = ["token_tasks", config["reward"], config["target"]]
+    for k, v in config.items():
+        if k in ("reward", "target", "episodes") or v == parser.get_default(k):
+            continue
+        name.append(v if isinstance(v, str) else k.replace("_", "-") + (f"{v:g}" if isinstance(v, float) else str(v)))
+    return os.path.join("results", "_".join(name) + ".json")
+
+
+def changed_settings(old, config):
+    return sorted(k for k in config if old.get(k) != config[k])
+
+
+def read_results(out, what_now):
+    """(methods, config) of a results file of this script, refused in one sentence if it is not one."""
+    try:
+        with open(out) as f:
+            saved = json.load(f)
+        return saved["methods"], saved["config"]
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{out} is not a results file of this script ({e}); {what_now}")
 
 
 def load_finished(out, config):
     """--resume: the methods already in `out`, refused in one sentence if it was run with other settings."""
     if not os.path.exists(out):
         return {}
-    try:
-        with open(out) as f:
-            saved = json.load(f)
-        finished, old = saved["methods"], saved["config"]
-    except (OSError, ValueError, KeyError) as e:
-        fail(f"cannot resume from {out}: it is not a results file of this script ({e})")
-    changed = sorted(k for k in config if k != "episodes" and old.get(k) != config[k])  # more episodes: carried on
+    finished, old = read_results(out, "cannot resume from it")
+    changed = [k for k in changed_settings(old, config) if k != "episodes"]  # more episodes: carried on
     if changed:
         fail(f"cannot resume from {out}: it was run with other settings ({', '.join(changed)}); use another --out")
     return finished
 
 
-def first_below(curve, level=0.01):
-    hit = (curve < level).nonzero()  # strictly below, as the authors count
-    return int(hit[0]) if len(hit) else None
+def start_fresh(out, ckpt_dir, config, methods, overwrite):
+    """A run without --resume: the methods of `out` it keeps. Results or training states of other settings
+    are refused in one sentence before the first step, unless --overwrite: a default run must lose nothing."""
+    ckpts = {m: os.path.join(ckpt_dir, f"{m}.pt") for m in METHODS}
+    if overwrite:
+        for path in ckpts.values():
+            if os.path.exists(path):
+                os.remove(path)  # a later --resume must not pick up a state of the replaced run
+        return {}
+    finished = {}
+    if os.path.exists(out):
+        finished, old = read_results(out, "choose another --out or pass --overwrite")
+        changed = changed_settings(old, config)
+        if changed:
+            longer = changed == ["episodes"] and old["episodes"] < config["episodes"]
+            hint = " (--resume carries it on to more episodes)" if longer else ""
+            fail(f"{out} holds a run with other settings ({', '.join(changed)}){hint}; "
+                 "choose another --out or pass --overwrite to replace it")
+    for m in methods:  # a state without results: a run stopped before its first method finished
+        if os.path.exists(ckpts[m]):
+            try:
+                old = torch.load(ckpts[m], weights_only=False, map_location="cpu")["config"]
+            except Exception:
+                continue  # not a training state of this script: nothing to lose
+            changed = changed_settings(old, config)
+            if changed:
+                fail(f"{ckpts[m]} holds the training state of a run with other settings ({', '.join(changed)}); "
+                     "continue it with --resume, choose another --out or pass --overwrite to replace it")
+    return {m: r for m, r in finished.items() if m not in methods}
 
 
 def summarise(log, args):
@@ -700,7 +783,7 @@ def summarise(log, args):
         "target_mass_success_mean": mean(log["target_mass"]),
         "final_error": float(final.mean()), "final_error_se": float(final.std() / math.sqrt(S)) if S > 1 else None,
         "final_error_per_seed": final.tolist(),
-        "steps_to_1pct": first_below(err.mean(0)),
+        "steps_to_1pct": tpo.steps_to_threshold(err.mean(0), 0.01),
         "seconds": log["seconds"],
     }
 
@@ -724,7 +807,7 @@ def report(results, args):
         se = f" ± {r['final_error_se']:.4f}" if r["final_error_se"] is not None else ""
         hit = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
         fails = r["all_fail_fraction_mean"]
-        left = "" if fails is None else first_below(torch.tensor(fails), 0.9)
+        left = "" if fails is None else tpo.steps_to_threshold(fails, 0.9)
         print(f"{m:14s} {r['final_error']:11.4f}{se:9s} {hit:>15s} {ends(r['grad_norm_mean']):>18s} "
               f"{ends(fails):>16s} {'never' if left is None else left:>15}")
 
@@ -741,16 +824,16 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args.device)
     methods = check_args(args)
-    out = args.out or os.path.join("results", f"token_tasks_{args.reward}_{args.target}.json")
     torch.manual_seed(args.seed)  # nothing should draw from the global generator; this makes sure it is fixed if it does
 
-    not_settings = ("methods", "resume", "threads", "device", "out", "benchmark", "report")  # device: rounding only
+    not_settings = ("methods", "resume", "overwrite", "threads", "device", "out", "benchmark", "report")  # device: rounding only
     config = {k: v for k, v in vars(args).items() if k not in not_settings}
-    results = load_finished(out, config) if args.resume else {}
+    out = args.out or default_out(config)
+    ckpt_dir = os.path.splitext(out)[0] + ".ckpt"  # one training state per method
+    results = load_finished(out, config) if args.resume else start_fresh(out, ckpt_dir, config, methods, args.overwrite)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}: {', '.join(methods)}, {args.seeds} seeds x "
-          f"{args.episodes} episodes on {where(args)}", flush=True)
-    ckpt_dir = os.path.splitext(out)[0] + ".ckpt"  # one training state per method
+          f"{args.episodes} episodes on {where(args)}, to {out}", flush=True)
     os.makedirs(ckpt_dir, exist_ok=True)
     for i, m in enumerate(methods):
         ckpt = os.path.join(ckpt_dir, f"{m}.pt")
@@ -806,7 +889,7 @@ def reprint(path):
 
 
 # ---------------------------------------------------------------------------
-# Benchmark: the issue's configuration, seconds per seed-episode and GFLOP/s
+# Benchmark: terminal-reward TPO at H = 8, seconds per seed-episode and GFLOP/s
 # ---------------------------------------------------------------------------
 
 def model_flops(args, tokens):

@@ -33,9 +33,10 @@ import time
 import torch
 
 # A group counts as "all scored alike" (flat) when its scores span at most
-# FLAT_EPS machine epsilons of their dtype relative to the largest |score|:
+# FLAT_EPS machine epsilons of the compute dtype (float32, or float64 for
+# float64 scores) relative to the largest |score|:
 #
-#     max(s) - min(s) <= FLAT_EPS * torch.finfo(s.dtype).eps * max|s|
+#     max(s) - min(s) <= FLAT_EPS * eps(promote_types(s.dtype, float32)) * max|s|
 #
 # The test is on the range, not on the computed std, because a group of equal
 # scores whose value float cannot represent (0.65, 0.3, 1/3, ...) still gets a
@@ -47,7 +48,10 @@ import torch
 # the data, so standardize(a*s + b) == standardize(s) for a > 0 as long as
 # a*s + b keeps the scores more than those few ulps apart (float64: shifts up
 # to about 1e14 for scores 1 apart; float32: about 1e6). eps is that of the
-# dtype the scores arrive in: that is the precision they were computed at.
+# dtype the mean and std are computed in, never of a narrower input: the
+# tolerance is there for the rounding of that arithmetic, and 4 eps of
+# bfloat16 (3%) or float16 (0.4%) would erase real, exactly stored
+# differences such as bfloat16 scores [100, 101, 102, 100.5].
 FLAT_EPS = 4.0
 
 
@@ -90,12 +94,12 @@ def _centre(x, mask, dim, what):
     """(x - mean, population std, flat) over the real entries of dim:
 
         dev_i = m_i (x_i - mean),  std = sqrt(sum_i dev_i^2 / n),  n = sum_i m_i
-        flat  = max(x) - min(x) <= FLAT_EPS · eps(dtype of x) · max|x|
+        flat  = max(x) - min(x) <= FLAT_EPS · eps · max|x|,   eps = eps(promote_types(dtype of x, float32))
 
     flat is the one zero-variance rule of this module (see FLAT_EPS); padded
     entries get dev = 0 and a fully padded group is flat.
     """
-    eps = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0  # integer scores are exact
+    eps = torch.finfo(_compute_dtype(x)).eps if x.dtype.is_floating_point else 0.0  # integer scores are exact
     x = x.to(_compute_dtype(x))
     m = _as_mask(mask, x)
     if not torch.isfinite(x[m]).all():
@@ -118,7 +122,8 @@ def standardize(scores, dim=-1, mask=None):
     """Within-group z-scores: u_i = (s_i - mean(s)) / std(s).
 
     std is the *population* standard deviation (divide by K, not K - 1), as in
-    the paper. A flat group, max(s) - min(s) <= FLAT_EPS · eps · max|s| (all
+    the paper. A flat group, max(s) - min(s) <= FLAT_EPS · eps · max|s| with
+    eps that of float32 or float64, whichever the arithmetic runs in (all
     candidates scored alike, see FLAT_EPS), maps to u = 0: it carries no
     preference. Masked entries are left out of the mean and std and get u = 0.
 
@@ -141,12 +146,14 @@ def informative_groups(scores, mask=None):
 def tpo_target(logp_old, u, eta=1.0, mask=None):
     """The TPO target over the last dimension, in log space.
 
-        q = softmax(log_softmax(logp_old) + u / eta)  ∝  p_old · exp(u / eta)
+        q = softmax(logp_old + u / eta)  =  softmax(log_softmax(logp_old) + u / eta)  ∝  p_old · exp(u / eta)
 
     q is the unique maximiser over the simplex of  sum_i r_i u_i - eta · KL(r || p_old):
     the scores tilt the rollout policy, and eta sets how far. With u = 0 the
-    target is p_old itself. Masked entries get q = 0. No gradient flows
-    through q.
+    target is p_old itself, to the bit: softmax(logp_old + 0) is the very
+    computation that gives p on the rollout-time weights, so a group scored
+    all alike asks for exactly nothing on the first epoch (see tpo_loss).
+    Masked entries get q = 0. No gradient flows through q.
     """
     if not eta > 0:
         raise ValueError(f"eta must be positive, got {eta}")
@@ -154,8 +161,7 @@ def tpo_target(logp_old, u, eta=1.0, mask=None):
         dtype = torch.promote_types(_compute_dtype(logp_old), u.dtype)
         m = _as_mask(mask, logp_old)
         logits = logp_old.to(dtype).masked_fill(~m, float("-inf"))
-        logits = torch.log_softmax(logits, -1) + u.to(dtype) / eta
-        q = torch.softmax(logits, -1)
+        q = torch.softmax(logits + u.to(dtype) / eta, -1)  # softmax's own normalisation stands in for log_softmax
         return q.masked_fill(~m, 0.0)  # also clears NaN of fully padded groups
 
 
@@ -163,7 +169,7 @@ def tpo_loss(logp, logp_old, scores, eta=1.0, anchor=True, mask=None):
     """TPO: cross-entropy from the fixed target q to the current group policy.
 
         u  = standardize(scores)
-        q  = softmax(log_softmax(logp_old) + u / eta)      (anchor=True)
+        q  = softmax(logp_old + u / eta)                   (anchor=True)
         q  = softmax(u / eta)                              (anchor=False, the no-anchor ablation)
         L  = mean over groups of  -sum_i q_i log softmax(logp)_i
 
@@ -172,8 +178,9 @@ def tpo_loss(logp, logp_old, scores, eta=1.0, anchor=True, mask=None):
     Only their differences within a group matter, so they can be in the
     thousands. The gradient of one group's term with respect to logp is
     exactly p - q with p = softmax(logp): zero once the policy matches the
-    target, and zero on the first epoch for a group scored all alike (there
-    q = p_old = p). Over several epochs on one batch, q stays frozen.
+    target, and exactly 0.0 on the first epoch for a group scored all alike
+    (there q = p_old = p, computed alike, so no rounding residue is left for an
+    optimizer to amplify). Over several epochs on one batch, q stays frozen.
     Groups with no real candidate (all masked) are left out of the mean.
     """
     m = _as_mask(mask, logp)
@@ -181,9 +188,15 @@ def tpo_loss(logp, logp_old, scores, eta=1.0, anchor=True, mask=None):
     u = standardize(_like(scores, logp, "scores"), mask=m)
     prior = logp_old if anchor else torch.zeros_like(logp_old)
     q = tpo_target(prior.detach(), u, eta, mask=m)  # the target, not a path for gradients
-    logp_theta = torch.log_softmax(logp.to(_compute_dtype(logp)).masked_fill(~m, float("-inf")), -1)
-    ce = -torch.where(m, q * logp_theta, torch.zeros_like(q)).sum(-1)
-    return masked_mean(ce, m.any(-1))
+    logits = logp.to(_compute_dtype(logp))
+    masked = logits.masked_fill(~m, float("-inf"))
+    ce = -torch.where(m, q * torch.log_softmax(masked, -1), torch.zeros_like(q)).sum(-1)
+    # The gradient is set to p - q as computed, not left to log_softmax's backward, whose p = exp(log p)
+    # differs from q = p_old by rounding (~1e-9) even where the two are equal: on a batch of groups scored
+    # all alike, AdamW would normalise that noise into a full-size step in a random direction.
+    p_minus_q = torch.where(m, torch.softmax(masked, -1) - q, torch.zeros_like(q)).detach()
+    surrogate = torch.where(m, p_minus_q * logits, torch.zeros_like(q)).sum(-1)
+    return masked_mean(ce.detach() + surrogate - surrogate.detach(), m.any(-1))  # value ce, gradient p - q
 
 
 def group_advantages(rewards, eps=1e-8, mask=None):
@@ -268,7 +281,7 @@ def ppo_loss(logp, logp_old, advantages, clip_eps=0.2, mask=None):
 def kl_penalty(logp, logp_ref):
     """Per-sample estimate of the reverse KL(pi || ref), always >= 0:
 
-        d = logp - logp_ref  (clamped to [-20, 20]),   k = exp(-d) + d - 1
+        d = logp - logp_ref,   k = exp(-d) + d - 1,   dk/dlogp = 1 - exp(-d)
 
     Its value is an unbiased estimate of KL(pi || ref) when a ~ pi. Used as
     a loss with the samples held fixed, as GRPO does, its expected gradient
@@ -277,9 +290,18 @@ def kl_penalty(logp, logp_ref):
     policy has moved. Computed in at least float32 as expm1(-d) + d: k is
     about d^2 / 2, which exp(-d) + d - 1 in bfloat16 rounds to 0 for
     |d| < 0.03 (KL < 4e-4).
+
+    d is not clamped: above, exp(-d) underflows to 0, the exact limit (k = d - 1,
+    gradient 1). Below, exp(-d) would overflow, so as in `ppo_loss` the value
+    of d is capped at -(log(largest float) - 20) (float32: -68.7) while its
+    gradient passes through: a sample whose probability has fallen e^30-fold
+    under the reference is still pulled back, with weight 1 - e^30, not
+    dropped, and beyond the cap with the cap's weight 1 - e^68.7.
     """
     logp = logp.to(_compute_dtype(logp))
-    d = (logp - logp_ref.detach().to(logp.device, logp.dtype)).clamp(-20.0, 20.0)
+    d = logp - logp_ref.detach().to(logp.device, logp.dtype)
+    under = (d + _log_ratio_bound(logp.dtype)).clamp(max=0).detach()
+    d = d - under  # capped value, uncapped gradient path
     return torch.expm1(-d) + d
 
 
@@ -317,10 +339,24 @@ def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None
     return loss
 
 
+# ---------------------------------------------------------------------------
+# Shared by the experiment scripts, not part of the method
+# ---------------------------------------------------------------------------
+
+def steps_to_threshold(curve, threshold=0.01):
+    """The index of the first entry of an error curve strictly below threshold, None if none is.
+
+    The one definition of "steps to X% error" behind every table here: strictly below, as the
+    paper's authors count it (a curve that touches 1% has not reached "below 1%").
+    """
+    hit = (torch.as_tensor(curve) < threshold).nonzero()
+    return int(hit[0]) if len(hit) else None
+
+
 def idle_cores(n):
     """How many of n cores other processes leave idle: n minus busy_cores(), at least 1.
 
-    Not part of the method, but every trainer here sizes its CPU threads with it: torch's (and vLLM's)
+    Every trainer here sizes its CPU threads with it unless --threads says otherwise: torch's (and vLLM's)
     OpenMP threads wait for each other at every operation, so one thread on a core that another job
     keeps busy holds all of them back, and on a shared machine fewer threads finish sooner.
     """
