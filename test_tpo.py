@@ -1296,17 +1296,17 @@ def run_llm(tiny_model, tmp_path, *extra):
 # update applies (caught at the optimizer's step, after clipping, before anything moves).
 
 def spy_on_update(monkeypatch):
-    """Records each update call of a run: seqs, rewards [P, K] and the token log-probs of p_old."""
+    """Records the rollout batch of each update call of a run."""
     calls, real = [], llm_rlvr.update
 
-    def update(model, opt, seqs, rewards, lp_old, lp_ref, args, pad_id, device):
-        calls.append(SimpleNamespace(seqs=seqs, rewards=rewards.clone(), lp_old=[x.detach().cpu().clone() for x in lp_old]))
-        return real(model, opt, seqs, rewards, lp_old, lp_ref, args, pad_id, device)
+    def update(model, opt, rb, args):
+        calls.append(rb)
+        return real(model, opt, rb, args)
     monkeypatch.setattr(llm_rlvr, "update", update)
     return calls
 
 
-def update_gradient(model, seqs, rewards, lp_old, lp_ref, args):
+def update_gradient(model, rb, args):
     """The gradient of one update on the CPU, as {parameter name: gradient}; the weights are left as they were."""
     grads = {}
 
@@ -1318,15 +1318,34 @@ def update_gradient(model, seqs, rewards, lp_old, lp_ref, args):
 
         def zero_grad(self, set_to_none=True):
             model.zero_grad(set_to_none=True)
-    llm_rlvr.update(model, Catch(), seqs, rewards, lp_old, lp_ref, args, 0, torch.device("cpu"))
-    return grads
+    stats, _ = llm_rlvr.update(model, Catch(), rb, args)
+    return grads, stats[0][0]
 
 
-def random_seqs(n, seed=0):
-    """n (prompt, completion) token-id pairs of different lengths, so padding and --seq-logp mean matter."""
+def random_rollout(P, K, args, rewards=None, seed=0, full=()):
+    """A Rollout of P random prompts with K random replies each, of unequal lengths (packing and --seq-logp mean
+    then matter); the replies indexed in `full` run to --max-new-tokens and are marked cut off there."""
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randint(3, 300, (4 + i % 3,), generator=gen).tolist(), torch.randint(3, 300, (3 + (5 * i) % 7,), generator=gen).tolist())
-            for i in range(n)]
+    prompts = [torch.randint(3, 300, (4 + g % 3,), generator=gen).tolist() for g in range(P)]
+    lengths = [args.max_new_tokens if i in full else 1 + (5 * i) % 7 for i in range(P * K)]
+    completions = [llm_rlvr.Completion(torch.randint(3, 300, (n,), generator=gen).tolist(), [0.0] * n, i in full, "")
+                   for i, n in enumerate(lengths)]
+    scores = torch.zeros(P, K) if rewards is None else rewards
+    return llm_rlvr.rollout_batch(prompts, completions, scores.tolist(), args, torch.device("cpu"))
+
+
+def with_old(rb, model, ref, args):
+    """rb with the log-probs of p_old (the trainer's pass) and of the reference, as a run's rollout adds them."""
+    lp_old = llm_rlvr.logprob_pass(model, rb, args)
+    lp_ref = llm_rlvr.logprob_pass(model if ref is None else ref, rb, args, reference=ref is None)
+    return rb._replace(lp_old=lp_old, lp_ref=lp_ref, seq_old=llm_rlvr.sequence_logp(lp_old, rb, args))
+
+
+def logprobs_of(model, prompts, outs, args):
+    """The trainer's token log-probs of the engine's samples outs (a list over prompts of lists of Completion),
+    flat, and the engine's own."""
+    rb = llm_rlvr.rollout_batch(prompts, [c for group in outs for c in group], [[0.0] * len(g) for g in outs], args, torch.device("cpu"))
+    return llm_rlvr.logprob_pass(model, rb, args), rb.lp_engine
 
 
 def tiny_policy(tiny_model, *argv):
@@ -1446,10 +1465,7 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
     prompts = [tok(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for i in range(3)]
 
     def mismatch(adapter):
-        outs = llm_rlvr.generate(llm, prompts, 4, args, adapter)
-        seqs = [(p, c.token_ids) for p, group in zip(prompts, outs) for c in group]
-        ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, torch.device("cpu")))
-        theirs = torch.tensor([x for group in outs for c in group for x in c.logprobs])
+        ours, theirs = logprobs_of(model, prompts, llm_rlvr.generate(llm, prompts, 4, args, adapter), args)
         return (ours - theirs).abs().mean().item()
 
     assert mismatch(None) < 1e-4  # same weights on both sides
@@ -1476,9 +1492,10 @@ def test_weight_push_makes_vllm_logprobs_match_pytorch(tiny_model, tmp_path, lor
     gc.collect()
 
 
-def exp_entropy_of_p_old(call):
-    """exp(H(p_old)) averaged over groups, from what update was given, under --seq-logp mean."""
-    p = torch.stack([x.mean() for x in call.lp_old]).view(call.rewards.shape).double().softmax(-1)
+def exp_entropy_of_p_old(rb):
+    """exp(H(p_old)) averaged over groups, from the token log-probs of p_old update was given, under --seq-logp mean."""
+    mean = [rb.lp_old[rb.seq_of_token == i].mean() for i in range(len(rb.replies))]
+    p = torch.stack(mean).view(rb.rewards.shape).double().softmax(-1)
     return (-(p * p.log()).sum(-1)).exp().mean().item()
 
 
@@ -1495,6 +1512,8 @@ def test_tpo_step_end_to_end_lora_bf16_with_kl(tiny_model, tmp_path, monkeypatch
     assert step["eval_accuracy_strict"] == step["eval_accuracy"]  # the toy task has no answer format to be strict about
     (call,) = calls
     assert step["eff_group_size"] == pytest.approx(exp_entropy_of_p_old(call), rel=1e-5)
+    # each group in one row: every prompt computed once, no padding
+    assert step["tokens_computed"] == step["tokens_unique"] == sum(map(len, call.prompts)) + sum(map(len, call.replies))
 
 
 def test_grpo_step_end_to_end_full_finetune(tiny_model, tmp_path):
@@ -1556,30 +1575,57 @@ def test_a_fresh_run_keeps_an_earlier_log_unless_told_to_overwrite_it(tiny_model
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
-@pytest.mark.parametrize("seq_logp", ["sum", "mean"])
-def test_llm_update_is_the_gradient_of_tpo_loss_for_any_micro_batch_size(tiny_model, seq_logp):
-    # Direct: every sequence through the model on its own, the [P, K] candidate log-probs into tpo.tpo_loss,
-    # autograd. The trainer: p_old from its no-grad pass, then update's micro-batched two-pass gradient.
-    args, model, _ = tiny_policy(tiny_model, "--lora-rank", "0", "--kl-coef", "0", "--seq-logp", seq_logp, "--max-grad-norm", "inf")
+@pytest.mark.parametrize("loss,seq_logp,lora_rank", [("tpo", "sum", 0), ("tpo", "mean", 0), ("tpo", "mean", 8), ("tpo", "sum", 8),
+                                                     ("grpo", "sum", 0), ("grpo", "mean", 8)])
+def test_packed_update_equals_the_loss_computed_one_sequence_at_a_time(tiny_model, loss, seq_logp, lora_rank):
+    # Direct: every [prompt, reply] through the model on its own (no packing, no padding), the batch's loss from
+    # tpo.py (TPO on the [P, K] candidate log-probs, GRPO's token-level surrogate) plus the KL term, autograd.
+    # The trainer: packed rows of any size, TPO's two-pass gradient. Value and gradient must agree.
+    args, model, ref = tiny_policy(tiny_model, "--loss", loss, "--lora-rank", str(lora_rank), "--kl-coef", "0.05",
+                                   "--seq-logp", seq_logp, "--max-grad-norm", "inf")
     P, K = 2, 4
-    seqs = random_seqs(P * K)
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the reference, so the KL term has a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
     rewards = torch.tensor([[0.0, 1.0, 0.5, 1.0], [0.2, 0.0, 0.0, 0.9]])
-    logp = []
-    for prompt, completion in seqs:
-        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float() / args.temperature
-        tok = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
-        logp.append(tok.sum() if seq_logp == "sum" else tok.mean())
-    logp = torch.stack(logp).view(P, K)
-    tpo.tpo_loss(logp, logp.detach(), rewards, eta=args.eta).backward()
-    direct = torch.cat([p.grad.flatten() for p in model.parameters()])
+    rb = with_old(random_rollout(P, K, args, rewards, full=(2, 5)), model, ref, args)  # two replies cut off at the limit
+    toks = []
+    for i, reply in enumerate(rb.replies):
+        prompt = rb.prompts[i // K]
+        logits = model(input_ids=torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1].float()
+        toks.append(logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None])[:, 0])
+    flat = torch.cat(toks)
+    if loss == "tpo":
+        value = tpo.tpo_loss(torch.stack([t.sum() if seq_logp == "sum" else t.mean() for t in toks]).view(P, K), rb.seq_old, rewards)
+    else:
+        value = tpo.grpo_loss(flat, rb.lp_old, tpo.group_advantages(rewards).flatten()[rb.seq_of_token], beta=0.0)
+    value = value + args.kl_coef * tpo.kl_penalty(flat, rb.lp_ref).mean()
+    value.backward()
+    direct = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    lp_old = llm_rlvr.logprob_pass(model, seqs, args, 0, torch.device("cpu"))
-    for size in (1, 3, 8):
-        args.micro_batch_size = size
-        grads = update_gradient(model, seqs, rewards, lp_old, None, args)
-        ours = torch.cat([grads[n].flatten() for n, _ in model.named_parameters()])
-        assert (ours - direct).norm() < 1e-4 * direct.norm(), (size, (ours - direct).norm() / direct.norm())
-    assert direct.norm() > 1e-3  # a gradient worth comparing
+    for row_tokens in (1, 20, 8192):  # one reply a row, groups split over rows, whole groups
+        grads, ours = update_gradient(model, rb._replace(rows=llm_rlvr.pack(rb.prompts, rb.replies, K, row_tokens)), args)
+        assert ours == pytest.approx(value.item(), rel=1e-5), row_tokens
+        assert grads.keys() == direct.keys()
+        diff = sum((grads[n] - g).square().sum() for n, g in direct.items()).sqrt()
+        norm = sum(g.square().sum() for g in direct.values()).sqrt()
+        assert diff < 1e-5 * norm and norm > 1e-3, (row_tokens, diff / norm, norm)
+
+
+def test_a_group_is_one_row_with_its_prompt_once_unless_it_exceeds_the_row_budget(tiny_model):
+    args, _, _ = tiny_policy(tiny_model)
+    rb = random_rollout(3, 4, args)
+    prompts, replies = rb.prompts, rb.replies
+    assert [(g, i, j) for g, i, j, a, b in rb.rows] == [(0, 0, 4), (1, 4, 8), (2, 8, 12)]
+    for budget in (1, 10, 16, 30):
+        rows = llm_rlvr.pack(prompts, replies, 4, budget)
+        assert [i for g, i, j, a, b in rows for i in range(i, j)] == list(range(12))  # every reply once, in order
+        assert all(g == i // 4 == (j - 1) // 4 for g, i, j, a, b in rows)  # a row stays within its group
+        assert all(len(prompts[g]) + b - a <= budget or j == i + 1 for g, i, j, a, b in rows)  # over only as one reply alone
+        assert all(b - a == sum(map(len, replies[i:j])) for g, i, j, a, b in rows)
+        assert [a for *_, a, b in rows][1:] == [b for *_, a, b in rows][:-1] and rows[-1][4] == sum(map(len, replies))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
@@ -1590,20 +1636,17 @@ def test_a_kl_only_step_moves_the_policy_towards_the_reference(tiny_model, lora_
     with torch.no_grad():  # the policy moved away from the initial model
         for p in trainable:
             p.add_(0.05 * torch.randn_like(p))
-    seqs, cpu = random_seqs(8, seed=1), torch.device("cpu")
-    rewards = torch.full((2, 4), 0.5)  # every candidate alike: TPO's own term asks for nothing
+    rb = with_old(random_rollout(2, 4, args, torch.full((2, 4), 0.5), seed=1), model, ref, args)  # all alike: TPO asks nothing
 
-    def kl_to_reference():  # the penalty's own estimate, averaged over the tokens of seqs
-        return tpo.kl_penalty(torch.cat(llm_rlvr.logprob_pass(model, seqs, args, 0, cpu)), torch.cat(lp_ref)).mean().item()
+    def kl_to_reference():  # the penalty's own estimate, averaged over the batch's tokens
+        return tpo.kl_penalty(llm_rlvr.logprob_pass(model, rb, args), rb.lp_ref).mean().item()
 
-    lp_ref = llm_rlvr.logprob_pass(ref if ref is not None else model, seqs, args, 0, cpu, reference=ref is None)
-    lp_old = llm_rlvr.logprob_pass(model, seqs, args, 0, cpu)
     before = kl_to_reference()
     args.kl_coef = 0.0
-    no_kl = update_gradient(model, seqs, rewards, lp_old, lp_ref, args)
-    assert max(g.abs().max().item() for g in no_kl.values()) < 1e-6  # the loss term alone: nothing to do
+    no_kl, _ = update_gradient(model, rb, args)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in no_kl.values())  # the loss term alone: exactly nothing to do
     args.kl_coef = 0.1
-    llm_rlvr.update(model, torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0), seqs, rewards, lp_old, lp_ref, args, 0, cpu)
+    llm_rlvr.update(model, torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0), rb, args)
     after = kl_to_reference()
     assert before > 1e-3 and after < 0.9 * before, (before, after)
 
@@ -1628,11 +1671,11 @@ def test_one_step_of_the_gsm8k_default_configuration(tiny_model, tmp_path, monke
     log, args = result.log, result.args
     del result
     gc.collect()
-    assert (args.lora_rank, args.lora_alpha, args.kl_coef, args.p_old, args.seq_logp, args.answer_format) == (32, 64.0, 1e-3, "trainer", "mean", "hash")
+    assert (args.lora_rank, args.kl_coef, args.p_old, args.seq_logp, args.answer_format) == (32, 1e-3, "trainer", "mean", "hash")
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 32
     assert passes == [False, True]  # p_old from the trainer, then the reference: the adapter switched off
     (call,) = calls
-    assert call.rewards.shape == (2, 4) and len(call.lp_old) == 8
+    assert call.rewards.shape == (2, 4) and len(call.replies) == 8
     assert [r["step"] for r in log] == [0, 1]
     for r in log:
         assert 0 <= r["eval_accuracy_strict"] <= r["eval_accuracy"] <= 1, r
@@ -1801,7 +1844,9 @@ def test_offline_machine_learns_every_blocker_at_once(tmp_path, capsys, monkeypa
         with pytest.raises(SystemExit) as e:
             llm_rlvr.main(argv)
         err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        lines = err.splitlines()  # several blockers: each on a line of its own, after one line that says so
+        assert e.value.code == 2 and (torch.cuda.is_available() or lines[0] == f"error: this run cannot start, for {len(lines) - 1} reasons:"), err
+        assert all(line.startswith("  - ") and len(line) < 300 for line in lines[1:]), err
         assert "Qwen/Qwen3-1.7B" in err and "openai/gsm8k" in err and "--data-dir" in err, err
         assert ("no CUDA GPU" in err) != torch.cuda.is_available(), err
         assert ("HF_HUB_OFFLINE=1" in err) == hint, err
@@ -1947,10 +1992,8 @@ def test_reference_model_stores_matmul_weights_in_bfloat16_without_changing_logp
     model, ref, _ = llm_rlvr.load_policy(args, torch.device("cpu"))
     assert ref.model.layers[0].mlp.up_proj.weight.dtype == ref.lm_head.weight.dtype == torch.bfloat16
     assert ref.model.embed_tokens.weight.dtype == ref.model.norm.weight.dtype == torch.float32  # outside autocast
-    gen = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(3, 300, (5 + i,), generator=gen).tolist(), torch.randint(3, 300, (7,), generator=gen).tolist()) for i in range(4)]
-    ours, theirs = (llm_rlvr.logprob_pass(m, seqs, args, 0, torch.device("cpu")) for m in (model, ref))
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # KL exactly 0 at the start
+    rb = random_rollout(2, 2, args)
+    assert torch.equal(llm_rlvr.logprob_pass(model, rb, args), llm_rlvr.logprob_pass(ref, rb, args))  # KL exactly 0 at the start
 
 
 def test_a_run_names_its_long_phases_and_shows_the_engine_log_only_with_verbose(tiny_model, tmp_path, capfd):
@@ -2041,16 +2084,12 @@ def test_smollm2_vllm_logprobs_match_pytorch_before_and_after_a_push(smollm2_ste
     # Move the trainer's weights with two steps of plain LM loss, then check
     # the engine's log-probs of its own samples against the trainer's.
     llm, model, args, tok = smollm2_step.llm, smollm2_step.model, smollm2_step.args, smollm2_step.tokenizer
-    cpu = torch.device("cpu")
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
              for q in ("What is 2 + 2?", "Name a colour.")]
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
 
     def mismatch():
-        outs = llm_rlvr.generate(llm, prompts, 2, args, seeds=[1, 2])
-        seqs = [(p, c.token_ids) for p, group in zip(prompts, outs) for c in group]
-        ours = torch.cat(llm_rlvr.logprob_pass(model, seqs, args, tok.pad_token_id, cpu))
-        theirs = torch.tensor([x for group in outs for c in group for x in c.logprobs])
+        ours, theirs = logprobs_of(model, prompts, llm_rlvr.generate(llm, prompts, 2, args, seeds=[1, 2]), args)
         return (ours - theirs).abs().mean().item()
 
     assert mismatch() < 1e-3  # the step's own push already reached the engine
