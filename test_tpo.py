@@ -372,7 +372,7 @@ def test_losses_name_scores_and_logp_when_their_shapes_differ():
         tpo.tpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 4))
 
 
-# This machine has only the CPU; the test runs wherever CUDA is present.
+# Needs CUDA beside the CPU: skipped on CPU-only machines, run wherever a GPU is present.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
 def test_losses_move_cpu_scores_to_the_logprobs_device():
     logp = torch.randn(3, 4, device="cuda", requires_grad=True)

@@ -1,11 +1,9 @@
 """Transformer sequence tasks: section 4 of the TPO paper (Kaddour, 2026, arXiv 2604.06159).
 
-A small causal transformer reads H prompt tokens drawn uniformly from a
-vocabulary of V and writes H answer tokens; the correct answer is a fixed
-function of the prompt (copy, flip x -> V-1-x, reverse copy, reverse flip).
-Rewards per answer token: bag_of_tokens (1 where correct), sequential (1 up
-to the first mistake, then 0), terminal (1 on every position only if the
-whole answer is right).
+A small causal transformer reads H prompt tokens drawn uniformly from a vocabulary of V
+and writes H answer tokens, a fixed function of the prompt (copy, flip x -> V-1-x,
+reverse copy, reverse flip). Reward per answer token: bag_of_tokens (1 where right),
+sequential (1 up to the first mistake) or terminal (1 everywhere if all is right).
 
     python token_tasks.py                                       # reverse copy, bag-of-tokens, V=2, H=10 (Tables 1-2)
     python token_tasks.py --V 8                                 # Table 1: V = 2, 4, 8, 16
@@ -18,109 +16,27 @@ whole answer is right).
     python token_tasks.py --benchmark                           # seconds per seed-episode, GFLOP/s
     python token_tasks.py --report results/token_tasks_terminal_reverse_copy_H8.json   # reprint a saved run's table
 
-A run writes results/token_tasks_<reward>_<target>.json and .png, the
-name extended by every setting that is not its default, in the order of the
-arguments (--V 8 gives ..._reverse_copy_V8, --eta 0.5 ..._eta0.5, --matching
-interaction ..._interaction; --episodes is left out), so the commands above
-each keep their own files. A run refuses, in one sentence, to replace results
-or training states of other settings unless given --overwrite; a run of the
-same settings keeps the file's methods it does not train. The JSON is
-rewritten after each method, and each method's whole training state
-(parameters, optimizer, random generators, curves) is saved beside it every
-tenth of the run. --resume with the same --out and settings keeps the
-finished methods, continues an interrupted one from its last save, and, given
-a larger --episodes, carries finished ones on to it: a resumed run is the run
-that was never stopped, bit for bit.
+The defaults are the paper's settings: V = 2, H = 10, K = 8, B = 100 prompts per episode,
+4 gradient epochs per rollout batch (DG and PG: 1), Muon at lr 1e-3, 10 seeds (Table 1:
+20), 1,000 episodes (terminal reward: 2,000). The paper's episodes to 1% error:
+  Table 1, reverse copy, bag-of-tokens, V = 2/4/8/16: TPO_token 58/74/103/102, GRPO_token
+    904/141/124/148, DG 199/273/314/393, PPO 872/181/191/259.
+  Table 2, V = 2, copy/flip/reverse copy/reverse flip: bag-of-tokens TPO_token 81/56/55/59,
+    GRPO_token 338/104/352/209, DG 219/201/202/200, PPO 170/146/never/143; sequential
+    TPO_token 295/321/159/276, DG 439/349/515/309, GRPO_token and PPO never.
+  Table 3, terminal reward, reverse copy, final exact-match error % at H = 7/8/9/10:
+    prompt-matched TPO 6.9/8.6/6.1/7.4, GRPO 14.5/27.6/30.0/50.4, GRPO no-KL
+    66.6/92.5/>95/>95, PPO 12.0/26.3/90.6/>95, DG 33.8/58.8/>95/>95; interaction-matched
+    TPO 1.8/2.8/5.3/19.0, GRPO 9.6/23.2/36.2/48.7.
+  Ablations at H = 10: TPO 7.4% while TPO without the anchor, Group PG and GRPO without
+    KL stay above 99%. Temperature (reverse copy, TPO_token): eta 0.25/0.5/1/2/4 -> 72/67/96/141/260.
 
-The paper's settings (the defaults here): V = 2, H = 10, K = 8 candidates,
-B = 100 prompts per episode, 4 gradient epochs per rollout batch for PPO,
-GRPO and TPO (DG one), Muon at lr 1e-3; 10 seeds and 1,000 episodes for the
-dense-reward tables (20 seeds for Table 1), 2,000 episodes for terminal
-reward. What it reports, as episodes to 1% error (mean over seeds):
-  Table 1, reverse copy, bag-of-tokens, V = 2/4/8/16: TPO_token 58/74/103/102,
-    GRPO_token 904/141/124/148, DG 199/273/314/393, PPO 872/181/191/259.
-  Table 2, V = 2, copy/flip/reverse copy/reverse flip: bag-of-tokens TPO_token
-    81/56/55/59, GRPO_token 338/104/352/209, DG 219/201/202/200, PPO
-    170/146/never/143; sequential TPO_token 295/321/159/276, DG 439/349/515/309,
-    GRPO_token and PPO never.
-  Table 3, terminal reward, reverse copy, final exact-match error % at H =
-    7/8/9/10: prompt-matched TPO 6.9/8.6/6.1/7.4, GRPO 14.5/27.6/30.0/50.4,
-    GRPO no-KL 66.6/92.5/>95/>95, PPO 12.0/26.3/90.6/>95, DG 33.8/58.8/>95/>95;
-    interaction-matched TPO 1.8/2.8/5.3/19.0, GRPO 9.6/23.2/36.2/48.7.
-  Ablations at H = 10: TPO 7.4% while TPO without the anchor, Group PG and
-    GRPO without KL stay above 99%. Temperature (reverse copy, TPO_token):
-    eta 0.25/0.5/1/2/4 -> 72/67/96/141/260 episodes.
-
-Model: the authors' Flax model. Pre-norm decoder, learned token and position
-embeddings, 2 layers, d_model 64, FFN 256 with GELU (tanh form, Flax's
-nn.gelu), 2 heads (the authors' code; the paper's text says 4: --heads 4),
-LayerNorm eps 1e-6, a final LayerNorm and an output head to V logits.
-Initialisation: token table N(0, 1/d) (nn.Embed), position table
-N(0, 0.02^2), kernels LeCun normal truncated at 2 std, biases zero. The
-position scale is not a detail: with std 0.125 the authors' own code
-reaches 1% on bag-of-tokens reverse copy in 16 episodes instead of 48. The
-sequence is the H prompt tokens then the H answer tokens; answer token i is
-predicted at the position before it.
-
-Optimizer: optax.contrib.muon with its defaults, as the authors ran it. Muon
-(lr 1e-3, momentum 0.95, bias-corrected, Nesterov; 5 Newton-Schulz steps
-with (3.4445, -4.775, 2.0315) in float32 after Frobenius normalisation; lr
-scaled by sqrt(max(1, fan_out / fan_in)) with kernels stored [fan_in,
-fan_out]; no weight decay) on the tensors that were 2-D in their model:
-    token and position tables, the per-head q/k/v biases ([heads, head_dim]
-    each), the FFN kernels, the output kernel;
-and Adam with Nesterov momentum (optax.adamw(nesterov=True): 0.9, 0.999,
-eps 1e-8, bias-corrected, no weight decay) at the same lr on the rest:
-    the q/k/v and attention-output kernels (3-D in Flax), the
-    attention-output, FFN and output biases, all LayerNorm scales and biases.
-torch.optim.Muon is not used: it has no bias correction, decays weights by
-default and refuses the leading seed dimension.
-
-Speed: all seeds of a method train as one batched computation (every weight
-has a leading seed dimension; each seed draws its weights, prompts and
-samples from its own generator, so a seed's run does not depend on how many
-run beside it). Rollouts encode each prompt once and decode one token per
-step from a key/value cache; the update scores every answer token in one
-teacher-forced pass in which a prompt and its K answers share one packed row
-(see answer_logprobs). `--benchmark` times terminal-reward TPO. On a GPU
-(`--device cuda`, the default where there is one) the model and optimizer
-run there while every random draw still comes from the seed's CPU generator,
-so a seed sees the same prompts and uniforms on either device and the runs
-differ only through rounding. A GPU is launch-bound at one seed: batch seeds.
-
-Methods (losses from tpo.py; each episode draws B fresh prompts):
-  tpo_token, grpo_token   dense rewards only: one behaviour answer per prompt;
-        at each of its H states K tokens are drawn from the policy there
-        (with replacement; duplicates stay separate members), the first of
-        them being the token the answer plays, and each is scored by its own
-        token reward (sequential reward: 0 for every candidate at a state
-        after the behaviour's first mistake). Group = those K draws,
-        candidate log-prob = its token log-prob.
-  tpo, tpo_no_anchor, tpo_masked, grpo, grpo_no_kl, grpo_masked, group_pg   K full answers
-        per prompt, score = mean token reward (for terminal reward:
-        exact match), candidate log-prob = the sum of its H token log-probs.
-        GRPO uses token-level ratios with the sequence's group advantage and
-        a per-token KL (beta 0.04) to the rollout policy (logp_old), as the
-        authors' code takes it, not to a frozen reference model as
-        DeepSeekMath's GRPO does. The _masked variants leave out the groups
-        scored all alike (the paper's diagnostic for GRPO; tpo_masked is not
-        in the paper); each seed's loss is then the mean over its own
-        informative groups, so seeds stay independent.
-  ppo, dg, pg   one answer per prompt (the behaviour trajectory); each answer
-        token is an action with advantage = its position's reward minus that
-        position's mean over the batch (the paper's transformer PPO has no
-        critic).
-Per-token and per-group losses are means (tpo.py's conventions): TPO averages
-over groups, GRPO, PPO, DG and PG over tokens; group_pg is multiplied by K so
-that, like TPO's cross-entropy, it sums over each group. PPO, the GRPO and TPO
-variants and group_pg take --epochs full-batch gradient steps per rollout
-batch with q, logp_old and the advantages frozen; DG and PG take one.
---matching interaction (terminal reward) gives ppo, dg and pg B*K prompts per
-step and lr * sqrt(K). The error curve is 1 - mean reward of each episode's own
-training rollouts (token error for dense rewards, exact-match error for
-terminal; for sequence-level groups over all B*K answers), as the authors measure
-it; there is no held-out evaluation. "Episodes to 1%" is the first episode
-(counted from 0) whose seed-mean error is strictly below 0.01, as theirs.
+The model (2-layer pre-norm decoder) and optimizer (optax's Muon) are the authors',
+batched over seeds. A group is K next tokens drawn at each state of one answer
+(tpo_token, grpo_token) or K whole answers per prompt (tpo, grpo, their variants,
+group_pg); ppo, dg and pg take one answer per prompt. GRPO's KL is taken to the rollout
+policy (logp_old), as in the authors' code, not to a frozen reference model. Error is
+1 - mean reward of each episode's own training rollouts: there is no held-out set.
 """
 
 import argparse
@@ -394,7 +310,7 @@ def rollout(P, kind, args, gens, n_prompts):
     b.y = draws[..., 0]
     b.r = REWARDS[args.reward](b.y == correct)
     if kind == "token":
-        b.cand = draws  # [S, B, H, K]: the played token and K - 1 more draws from the same state
+        b.cand = draws  # [S, B, H, K]: the played token and K - 1 more draws from the same state, with replacement
         b.cand_r = candidate_rewards(args.reward, b.y == correct, b.cand == correct[..., None])
     if kind == "group":
         b.scores = grouped(b.r.mean(-1), b.K)  # [S, B, K]; terminal: 1 for an exact answer
@@ -408,7 +324,8 @@ def grouped(t, K):
 
 # ---------------------------------------------------------------------------
 # Update: one loss per method. lp [S, N, H, V] current log-probs; b.lp_old the
-# same at rollout time (frozen on the first epoch)
+# same at rollout time (frozen on the first epoch). Losses are means, as in
+# tpo.py: TPO's over groups, GRPO's, PPO's, DG's and PG's over tokens
 # ---------------------------------------------------------------------------
 
 def token_logp(lp, y):
@@ -481,7 +398,7 @@ def group_pg(lp, b, args):
 
 
 def batch_advantage(b):
-    return b.r - b.r.mean(1, keepdim=True)  # each position's reward minus its mean over the seed's batch
+    return b.r - b.r.mean(1, keepdim=True)  # each position's reward minus its mean over the seed's batch: no critic
 
 
 def ppo(lp, b, args):
@@ -517,7 +434,9 @@ METHODS = {
 
 
 # ---------------------------------------------------------------------------
-# Optimizer: optax's Muon batched over the seed dimension, Nesterov Adam on the rest
+# Optimizer: optax's Muon batched over the seed dimension, Nesterov Adam on the rest.
+# torch.optim.Muon is not used: it has no bias correction, decays weights by
+# default and refuses the leading seed dimension
 # ---------------------------------------------------------------------------
 
 def nesterov_moment(m, g, beta, t):
@@ -562,7 +481,7 @@ def adam_step(params, moments, lr, t, b1=0.9, b2=0.999, eps=1e-8):
 
 
 # ---------------------------------------------------------------------------
-# Main loop: all seeds of one method at once
+# Main loop: rollout -> update (--epochs steps) -> log, all seeds of one method at once
 # ---------------------------------------------------------------------------
 
 def all_fail_fraction(kind, b):
@@ -590,7 +509,8 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
     """Train one method for every seed in `seeds` at once; curves [S, episodes] and the training seconds.
 
     ckpt: a path where the whole training state is saved every tenth of the
-    run and at its end; training continues from it if it exists.
+    run and at its end; training continues from it if it exists, as the run
+    that was never stopped, bit for bit.
     """
     loss_fn, kind, multi_epoch = METHODS[method]
     S = len(seeds)
@@ -660,16 +580,66 @@ def train(method, args, seeds, progress=False, ckpt=None, config=None):
     return curves | {"seconds": before + time.time() - t0}
 
 
+# ---------------------------------------------------------------------------
+# Report: what a run keeps of each method, and the table on stdout
+# ---------------------------------------------------------------------------
+
+def summarise(log, args):
+    err, S = log["error"], log["error"].shape[0]
+    last = max(1, round(0.05 * args.episodes))
+    final = err[:, -last:].mean(1)  # [S]
+    se = lambda t: (t.std(0) / math.sqrt(S)).tolist() if S > 1 else None
+    mean = lambda t: None if t is None else t.mean(0).tolist()
+    return {
+        "error_mean": mean(err), "error_se": se(err),
+        "grad_norm_mean": mean(log["grad_norm"]),
+        "all_fail_fraction_mean": mean(log["all_fail"]),
+        "target_mass_success_mean": mean(log["target_mass"]),
+        "final_error": float(final.mean()), "final_error_se": float(final.std() / math.sqrt(S)) if S > 1 else None,
+        "final_error_per_seed": final.tolist(),
+        "steps_to_1pct": tpo.steps_to_threshold(err.mean(0), 0.01),
+        "seconds": log["seconds"],
+    }
+
+
+def report(results, args):
+    """The table on stdout: final error, episodes to 1%, how the first-epoch gradient norm and the share
+    of all-fail groups moved from the first to the last 5% of episodes, and the first episode whose share
+    of all-fail groups is below 90% (when learning leaves an all-fail start)."""
+    unit = "exact-match error" if args.reward == "terminal" else "token error"
+    print(f"\n{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
+          f"{args.matching}-matched, {args.seeds} seeds, {args.episodes} episodes")
+    print(f"({unit} = 1 - mean reward of the episode's own rollouts; final = mean of the last 5% of episodes, "
+          "mean ± standard error over seeds; episodes to 1% = first episode (from 0) whose seed-mean error is below 0.01; "
+          "grad norm and all-fail groups: seed mean, first 5% -> last 5% of episodes; all-fail < 90%: first episode "
+          "whose seed-mean share of all-fail groups is below 0.9)")
+    print(f"{'method':14s} {'final error':>20s} {'episodes to 1%':>15s} {'grad norm':>18s} {'all-fail groups':>16s} "
+          f"{'all-fail < 90%':>15s}")
+    n = max(1, round(0.05 * args.episodes))
+    ends = lambda c: "" if c is None else f"{sum(c[:n]) / n:.3g} -> {sum(c[-n:]) / n:.3g}"
+    for m, r in results.items():
+        se = f" ± {r['final_error_se']:.4f}" if r["final_error_se"] is not None else ""
+        hit = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
+        fails = r["all_fail_fraction_mean"]
+        left = "" if fails is None else tpo.steps_to_threshold(fails, 0.9)
+        print(f"{m:14s} {r['final_error']:11.4f}{se:9s} {hit:>15s} {ends(r['grad_norm_mean']):>18s} "
+              f"{ends(fails):>16s} {'never' if left is None else left:>15}")
+
+
+# ---------------------------------------------------------------------------
+# Run: argument checks, result files (--resume, --overwrite), every method in turn
+# ---------------------------------------------------------------------------
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def where(args):
     """The device a run trains on, in words (saved with its results)."""
     if torch.device(args.device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(args.device))
     return f"{torch.get_num_threads()} CPU thread(s)"
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def check_args(args):
@@ -770,48 +740,6 @@ def start_fresh(out, ckpt_dir, config, methods, overwrite):
     return {m: r for m, r in finished.items() if m not in methods}
 
 
-def summarise(log, args):
-    err, S = log["error"], log["error"].shape[0]
-    last = max(1, round(0.05 * args.episodes))
-    final = err[:, -last:].mean(1)  # [S]
-    se = lambda t: (t.std(0) / math.sqrt(S)).tolist() if S > 1 else None
-    mean = lambda t: None if t is None else t.mean(0).tolist()
-    return {
-        "error_mean": mean(err), "error_se": se(err),
-        "grad_norm_mean": mean(log["grad_norm"]),
-        "all_fail_fraction_mean": mean(log["all_fail"]),
-        "target_mass_success_mean": mean(log["target_mass"]),
-        "final_error": float(final.mean()), "final_error_se": float(final.std() / math.sqrt(S)) if S > 1 else None,
-        "final_error_per_seed": final.tolist(),
-        "steps_to_1pct": tpo.steps_to_threshold(err.mean(0), 0.01),
-        "seconds": log["seconds"],
-    }
-
-
-def report(results, args):
-    """The table on stdout: final error, episodes to 1%, how the first-epoch gradient norm and the share
-    of all-fail groups moved from the first to the last 5% of episodes, and the first episode whose share
-    of all-fail groups is below 90% (when learning leaves an all-fail start)."""
-    unit = "exact-match error" if args.reward == "terminal" else "token error"
-    print(f"\n{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
-          f"{args.matching}-matched, {args.seeds} seeds, {args.episodes} episodes")
-    print(f"({unit} = 1 - mean reward of the episode's own rollouts; final = mean of the last 5% of episodes, "
-          "mean ± standard error over seeds; episodes to 1% = first episode (from 0) whose seed-mean error is below 0.01; "
-          "grad norm and all-fail groups: seed mean, first 5% -> last 5% of episodes; all-fail < 90%: first episode "
-          "whose seed-mean share of all-fail groups is below 0.9)")
-    print(f"{'method':14s} {'final error':>20s} {'episodes to 1%':>15s} {'grad norm':>18s} {'all-fail groups':>16s} "
-          f"{'all-fail < 90%':>15s}")
-    n = max(1, round(0.05 * args.episodes))
-    ends = lambda c: "" if c is None else f"{sum(c[:n]) / n:.3g} -> {sum(c[-n:]) / n:.3g}"
-    for m, r in results.items():
-        se = f" ± {r['final_error_se']:.4f}" if r["final_error_se"] is not None else ""
-        hit = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
-        fails = r["all_fail_fraction_mean"]
-        left = "" if fails is None else tpo.steps_to_threshold(fails, 0.9)
-        print(f"{m:14s} {r['final_error']:11.4f}{se:9s} {hit:>15s} {ends(r['grad_norm_mean']):>18s} "
-              f"{ends(fails):>16s} {'never' if left is None else left:>15}")
-
-
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.report:
@@ -870,6 +798,43 @@ def main(argv=None):
     return results
 
 
+# ---------------------------------------------------------------------------
+# --- tools: not needed to train ---
+# the PNG of a run, --report and --benchmark
+# ---------------------------------------------------------------------------
+
+def plot(results, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("error_mean", "exact-match error" if args.reward == "terminal" else "token error", "log"),
+              ("grad_norm_mean", "first-epoch gradient L2 norm", "log"),
+              ("all_fail_fraction_mean", "fraction of all-fail groups", "linear"),
+              ("target_mass_success_mean", "target mass on successful candidates", "linear")]
+    w = max(1, args.episodes // 50)  # single episodes are noisy (the gradient norm spans decades): a moving average
+
+    def smooth(curve):
+        c = torch.tensor(curve, dtype=torch.float64).cumsum(0)
+        return torch.cat([c[:w] / torch.arange(1, min(w, len(c)) + 1), (c[w:] - c[:-w]) / w]).tolist()
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for i, (m, r) in enumerate(results.items()):
+            if r[key] is not None:  # a method keeps its colour in every panel, even where another has no curve
+                ax.plot(smooth(r[key]), label=m, lw=1, color=f"C{i}")
+        ax.set(xlabel="episode", ylabel=label)
+        ax.set_yscale(scale, **({"nonpositive": "mask"} if scale == "log" else {}))  # an exact 0 leaves a gap
+    axes[0].axhline(0.01, color="grey", lw=0.5, ls=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
+                 f"{args.matching}-matched: mean over {args.seeds} seeds"
+                 + (f", moving average over {w} episodes" if w > 1 else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def reprint(path):
     """--report: the table and PNG of a saved run."""
     try:
@@ -887,10 +852,6 @@ def reprint(path):
     print(f"\nredrew {png}")
     return results
 
-
-# ---------------------------------------------------------------------------
-# Benchmark: terminal-reward TPO at H = 8, seconds per seed-episode and GFLOP/s
-# ---------------------------------------------------------------------------
 
 def model_flops(args, tokens):
     """Forward FLOPs of `tokens` positions (2 per multiply-add): the matmuls, and attention over 2H-1 keys."""
@@ -927,42 +888,6 @@ def benchmark(device, episodes=5):
         print(f"{S} seed(s): {sec:.3f} s per seed-episode, {flops / sec / 1e9:.1f} GFLOP/s "
               f"(wall clock, mean over {episodes} episodes after one warm-up episode)", flush=True)
     return rows
-
-
-# ---------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------
-
-def plot(results, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("error_mean", "exact-match error" if args.reward == "terminal" else "token error", "log"),
-              ("grad_norm_mean", "first-epoch gradient L2 norm", "log"),
-              ("all_fail_fraction_mean", "fraction of all-fail groups", "linear"),
-              ("target_mass_success_mean", "target mass on successful candidates", "linear")]
-    w = max(1, args.episodes // 50)  # single episodes are noisy (the gradient norm spans decades): a moving average
-
-    def smooth(curve):
-        c = torch.tensor(curve, dtype=torch.float64).cumsum(0)
-        return torch.cat([c[:w] / torch.arange(1, min(w, len(c)) + 1), (c[w:] - c[:-w]) / w]).tolist()
-
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    for ax, (key, label, scale) in zip(axes, panels):
-        for i, (m, r) in enumerate(results.items()):
-            if r[key] is not None:  # a method keeps its colour in every panel, even where another has no curve
-                ax.plot(smooth(r[key]), label=m, lw=1, color=f"C{i}")
-        ax.set(xlabel="episode", ylabel=label)
-        ax.set_yscale(scale, **({"nonpositive": "mask"} if scale == "log" else {}))  # an exact 0 leaves a gap
-    axes[0].axhline(0.01, color="grey", lw=0.5, ls=":")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{args.target}, {args.reward} reward, V={args.V}, H={args.H}, K={args.K}, B={args.B}, "
-                 f"{args.matching}-matched: mean over {args.seeds} seeds"
-                 + (f", moving average over {w} episodes" if w > 1 else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
