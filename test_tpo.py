@@ -1629,6 +1629,17 @@ def test_a_group_is_one_row_with_its_prompt_once_unless_it_exceeds_the_row_budge
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
+def test_benchmark_times_the_trainer_on_random_weights_of_a_models_shape(tiny_model, lora_rank, capsys):
+    result = llm_rlvr.main(["--benchmark", "--device", "cpu", "--dtype", "float32", "--model", tiny_model, "--lora-rank", str(lora_rank),
+                            "--prompts-per-step", "2", "--group-size", "3", "--max-prompt-tokens", "8", "--max-new-tokens", "5"])
+    assert result["tokens_unique"] == result["tokens_computed"] == 2 * 8 + 2 * 3 * 5 and result["rows"] == 2
+    assert result["seconds_per_step"] > 0 and result["tokens_per_s"] == pytest.approx(result["tokens_unique"] / result["seconds_per_step"])
+    assert (result["trainable"] < result["params"]) == bool(lora_rank)
+    out = capsys.readouterr().out
+    assert "iter 0 (warm-up)" in out and '"tokens_unique": 46' in out  # a progress line per iteration, then the result
+
+
+@pytest.mark.parametrize("lora_rank", [0, 8])
 def test_a_kl_only_step_moves_the_policy_towards_the_reference(tiny_model, lora_rank):
     args, model, ref = tiny_policy(tiny_model, "--lora-rank", str(lora_rank), "--kl-coef", "0.1", "--lr", "1e-3")
     trainable = [p for p in model.parameters() if p.requires_grad]
