@@ -1166,6 +1166,13 @@ def compare(args):
     plt.close(fig)
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(runs, f, indent=1)
+    print_compare_table(runs)
+    print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
+    return runs
+
+
+def print_compare_table(runs):
+    """--compare's Markdown table: one row per run."""
     print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 | reply tokens, steps 1-10 -> last 10 "
           "| held-out accuracy (strict), first -> last | s per step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -1174,8 +1181,6 @@ def compare(args):
                            for j in (0, -1)) if r["eval_steps"] else "not evaluated"
         print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
               f"| {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} | {r['seconds_per_step']:.0f} |")
-    print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
-    return runs
 
 
 def probe(args):
