@@ -11,29 +11,17 @@ are then pushed into the running engine in memory (no save/reload).
 A step, in the order of this file: sample K replies per prompt -> score ->
 token log-probs of p_old (the engine's, or the trainer's: --p-old) and of the
 initial model (KL) -> --epochs of loss, backward, AdamW -> push -> log.
-
-Each token is computed once: the trainer's forwards take packed rows
-[prompt, reply_1, ..., reply_K, next prompt, ...] in which each reply attends
-to its own prompt and, causally, to itself, so a prompt is computed once for
-its K replies and nothing is padding. TPO's loss depends on the [P, K]
-candidate log-probs only: tpo.tpo_loss on them gives d loss / d logp_i =
-(p_i - q_i) / P, and each row backpropagates sum_i (p_i - q_i) / P * logp_i,
-the exact gradient, for nothing extra on the first epoch (p = p_old there).
+Each token is computed once: the trainer's forwards take one packed row
+[prompt, reply_1, ..., reply_K] per group, each reply attending to its prompt
+and, causally, to itself (pack, row_logprobs, row_attention).
 
 --seq-logp: the paper's Eq. 1 sums token log-probs; over replies of hundreds
 of tokens the sums are tens of nats apart, p_old is nearly one-hot and the
-first-epoch gradient p - q nearly vanishes. Our default is the mean
-(measured in docs/llm_rlvr.md); each step logs the effective group size
-exp(H(p_old)) and mean |q - p_old|. Every other default that is not the
-paper's says so in its --help. Held-out accuracy is logged lenient (read as
-the reward reads a reply: compare this with the paper) and strict (only the
-asked answer format).
-
-Runs on the CPU too (--device cpu, vLLM's CPU build): the tests do, on a tiny
-random model and on SmolLM2-135M-Instruct (--model takes its .gguf). What
-training does not need (--probe, --benchmark, --compare, GGUF conversion,
-resource checks, answer parsing, checkpoints) sits after the training path,
-under one rule. Left out: more than one GPU, tensor parallelism.
+first-epoch gradient p - q nearly vanishes, so our default is the mean
+(measured in docs/llm_rlvr.md). Every other default that is not the paper's
+says so in its --help. What training does not need (--probe, --benchmark,
+--compare, checks, GGUF conversion, answer parsing, checkpoints) sits after
+the training path, under one rule. Runs on the CPU too (--device cpu).
 """
 
 import os
@@ -78,31 +66,24 @@ parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts 
 parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, no weight decay (paper: 1e-5)")
 parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses; 0 = off (paper: 1e-3 on GSM8K, none named for the reasoning-gym tasks)")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank) on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0, the paper naming LoRA for GSM8K only)")
-parser.add_argument("--steps", type=int, default=200, help="RL steps; each is one rollout batch and --epochs optimizer updates "
-                                                            "(paper: 300 on graph colouring: --steps 300; not stated for GSM8K)")
+parser.add_argument("--steps", type=int, default=200, help="RL steps, each one rollout batch (paper: 300 on graph colouring)")
 parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
 parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean"],
-                    help="candidate log-prob: sum of token log-probs or their mean, which keeps a group of long replies from "
-                         "collapsing onto one candidate (measured in docs/llm_rlvr.md) (paper: sum, its Eq. 1: --seq-logp sum)")
-parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch; q stays frozen across them "
-                                                           "(paper: not stated for LLMs; its token tasks take 4)")
+                    help="candidate log-prob: sum or mean of its token log-probs; the mean keeps long replies' p_old from collapsing (paper: sum)")
+parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch, q frozen across them (paper: not stated)")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="reply budget; replies are sampled at temperature 1 (paper: neither stated)")
 parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time (paper: not stated)")
 parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (L2) (paper: not stated)")
 parser.add_argument("--task-kwargs", default=None, help="reasoning-gym: the dataset's keyword arguments as JSON, e.g. '{\"min_terms\": 2, \"max_terms\": 2}'")
 parser.add_argument("--answer-format", default=None, choices=["hash", "tags"],
-                    help="ask for the final answer after '####' (hash) or inside <answer> tags (tags); default: hash where the task's "
-                         "answers are numbers (gsm8k, chain_sum, ...), which small models follow, else tags (paper: prompt not stated)")
+                    help="final answer after '####' or in <answer> tags (default: hash where answers are numbers) (paper: not stated)")
 parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts (paper: not stated)")
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                    help="dtype of the engine and of the trainer's matmuls (autocast); trainable weights stay float32 "
-                         "(default: bfloat16 on a GPU; float32 on the CPU, where the engine and the trainer then agree to ~1e-5) (paper: not stated)")
+                    help="the engine's and the trainer's matmuls (autocast); weights stay float32 (default: bfloat16 on a GPU, float32 on the CPU)")
 parser.add_argument("--p-old", default=None, choices=["engine", "trainer"],
-                    help="p_old from the engine's log-probs of its samples, or from a no-grad pass of the trainer "
-                         "(default: engine under --dtype float32, trainer under bfloat16) (paper: not stated)")
-parser.add_argument("--row-tokens", type=int, default=8192,
-                    help="most tokens in one packed forward row (a prompt and its replies); memory only, the gradient is the same for any value")
+                    help="p_old from the engine's log-probs or a no-grad pass of the trainer (default: engine in float32, trainer in bfloat16)")
+parser.add_argument("--row-tokens", type=int, default=8192, help="most tokens in one packed row; memory only, the gradient is the same")
 parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
 parser.add_argument("--eval-every", type=int, default=5, help="greedy held-out evaluation every N steps; 0 = off (paper: 5, its decoding not stated)")
 parser.add_argument("--eval-size", type=int, default=0, help="held-out prompts per evaluation; 0 = the whole test split (reasoning-gym: 200) (paper: not stated)")
@@ -110,21 +91,17 @@ parser.add_argument("--data-dir", default=None, help="gsm8k offline: folder with
 parser.add_argument("--out-dir", default=None, help="default: runs/<task>_<loss>, and runs/<task>_probe for --probe")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps; 0 = only on exit")
 parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
-parser.add_argument("--overwrite", action="store_true",
-                    help="start afresh in an --out-dir that holds an earlier run, deleting its log and checkpoint (without it such a folder is refused)")
+parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run, deleting it")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
 parser.add_argument("--threads", type=int, default=None,
                     help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle)")
-parser.add_argument("--verbose", action="store_true",
-                    help="show vLLM's, transformers' and the hub client's own logs and progress bars (default: only their errors)")
-parser.add_argument("--probe", type=int, default=0, metavar="N",
-                    help="tool: sample K replies for the first N training prompts, report the reward, write probe.json and exit")
+parser.add_argument("--verbose", action="store_true", help="show vLLM's, transformers' and the hub's logs (default: only their errors)")
+parser.add_argument("--probe", type=int, default=0, metavar="N", help="tool: the base reward on N training prompts, then exit")
 parser.add_argument("--benchmark", action="store_true",
-                    help="tool: time the trainer (log-prob pass + update) on random weights of --model's shape (default: Qwen3-1.7B's) and "
-                         "random groups of --max-prompt-tokens + --max-new-tokens, then exit")
+                    help="tool: time the trainer on random weights of --model's shape (default: Qwen3-1.7B), then exit")
 parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                    help="tool: draw the curves of finished runs into one figure, print a table, write both to --out-dir (default: runs/compare) and exit")
+                    help="tool: one figure and table of finished runs, in --out-dir (default: runs/compare), then exit")
 
 CLIP_EPS = 0.2  # GRPO's clip range (paper: 0.2)
 CPU_KV_CACHE_GIB = 1.0  # the CPU engine sizes its KV cache from what the whole process holds, which a trainer inflates
@@ -135,38 +112,6 @@ def fail(msg):
     """One clear sentence and a non-zero exit; never a traceback wall for bad input."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-
-def check_args(args):
-    """Refuse bad values in one sentence before anything loads, and fill the defaults that depend on others."""
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "row_tokens"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1")
-    if args.group_size < 2:
-        fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
-    if not (args.lr > 0 and args.eta > 0):
-        fail("--lr and --eta must be positive")
-    for name in ("eval_every", "save_every", "eval_size", "probe"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be 0 or more")
-    if args.resume and args.overwrite:
-        fail("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
-    if args.lora_rank not in (None, 0, *LORA_RANKS):
-        fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
-    if args.lora_rank is None:
-        args.lora_rank = 32 if args.task == "gsm8k" else 0
-    if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
-        fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
-    if task_kwargs(args) and args.task in TASKS:
-        fail(f"--task-kwargs sets a reasoning-gym dataset's options; {args.task} takes none")
-    if args.answer_format is None and not args.benchmark:
-        args.answer_format = default_answer_format(args)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    args.model = shipped_gguf(args.model)
-    if args.p_old is None:
-        args.p_old = "engine" if args.dtype == "float32" else "trainer"
-    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{'probe' if args.probe else args.loss}")
 
 
 # ---------------------------------------------------------------------------
@@ -194,66 +139,10 @@ def gsm8k_score(completion, example, finished=True, answer_format="hash", strict
 
 
 def load_gsm8k(args):
-    if args.data_dir:
-        splits = {}
-        for split in ("train", "test"):
-            path = os.path.join(args.data_dir, f"{split}.jsonl")
-            if not os.path.exists(path):
-                fail(f"--data-dir {args.data_dir} has no {split}.jsonl (one JSON object per line with 'question' and 'answer')")
-            try:
-                with open(path) as f:
-                    splits[split] = [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as e:
-                fail(f"{path} is not JSON Lines: {e}")
-    else:
-        try:
-            import datasets
-            ds = datasets.load_dataset("openai/gsm8k", "main")
-        except Exception as e:  # offline hub, missing package, ...
-            fail(f"could not load openai/gsm8k through `datasets` ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                 "on an offline machine pass --data-dir with train.jsonl and test.jsonl")
-        splits = {s: list(ds[s]) for s in ("train", "test")}
-    for split, rows in splits.items():
-        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r or gold_answer(r) is None]
-        if bad:
-            fail(f"gsm8k {split} row {bad[0]} lacks a 'question' or an 'answer' containing '#### <number>'")
+    splits = read_gsm8k(args)
     return SimpleNamespace(train=splits["train"], test=splits["test"], prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
                            score=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format),
                            score_strict=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format, strict=True))
-
-
-def task_kwargs(args):
-    """--task-kwargs as a dict."""
-    try:
-        kwargs = json.loads(args.task_kwargs or "{}")
-    except json.JSONDecodeError as e:
-        fail(f"--task-kwargs is not valid JSON ({e}); write it like '{{\"min_terms\": 2}}'")
-    if not isinstance(kwargs, dict):
-        fail(f"--task-kwargs must be a JSON object of keyword arguments, not {args.task_kwargs}")
-    return kwargs
-
-
-def reasoning_gym_dataset(args, size, seed):
-    try:
-        import reasoning_gym
-    except ImportError:
-        fail("reasoning-gym is not installed (pip install reasoning-gym)")
-    name = {"graph_coloring": "graph_color"}.get(args.task, args.task)
-    try:
-        return reasoning_gym.create_dataset(name, size=size, seed=seed, **task_kwargs(args))
-    except (ValueError, KeyError) as e:
-        fail(f"unknown task {args.task!r}: not gsm8k and not a reasoning-gym dataset ({str(e).splitlines()[0]})")
-    except (TypeError, AssertionError) as e:  # an unknown keyword; a check of the dataset's config
-        fail(f"reasoning-gym's {name} refused --task-kwargs {args.task_kwargs} ({str(e).splitlines()[0]})")
-
-
-def default_answer_format(args):
-    """'hash' for gsm8k and for reasoning-gym datasets whose answers are numbers (judged on a few generated
-    entries), else 'tags'. Tasks registered in TASKS other than gsm8k bring their own prompts."""
-    if args.task in TASKS:
-        return "hash" if args.task == "gsm8k" else None
-    entries = reasoning_gym_dataset(args, 8, args.seed)
-    return "hash" if all(re.fullmatch(NUMBER, str(e["answer"]).strip()) for e in entries) else "tags"
 
 
 def load_reasoning_gym(args):
@@ -414,14 +303,8 @@ def start_engine(args, model_path):
 
 def push_weights(llm, model, args, version, previous=None):
     """Make the engine serve the trainer's current policy; returns the LoRA request to generate with (or None).
-
-    Full fine-tuning: the weights are copied into the running engine in
-    memory, then KV blocks cached under the old weights are dropped. LoRA:
-    the adapter is handed to the engine unmerged under a new id. Merging
-    it into bfloat16 base weights would round most updates of size lr 1e-5
-    away, and the engine would sample from an older policy than the trainer
-    scores; adapters are small, so they travel through a file.
-    """
+    Full fine-tuning copies the weights into the engine in memory and drops its KV cache. LoRA hands over the
+    adapter unmerged, under a new id: merged into bfloat16 base weights, most lr-1e-5 updates would round away."""
     if not args.lora_rank:
         weights = ((k, v.detach().to(DTYPES[args.dtype])) for k, v in model.state_dict().items())
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -721,35 +604,9 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
     }
 
 
-def step_seconds(r):
-    """A logged step's wall time: the sum of its phases."""
-    return sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push"))
-
-
-def progress(r, args):
-    """The step's progress line; phase times are wall seconds of this step."""
-    return (f"step {r['step']}/{args.steps} | reward {r['reward_mean']:.3f} | all-equal groups {r['frac_groups_all_equal']:.0%} "
-            f"| len {r['completion_len_mean']:.0f} (trunc {r['truncated_frac']:.0%}) | loss {r['loss']:.4f} | grad {r['grad_norm']:.3f} "
-            f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
-            f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
-            f"= {step_seconds(r):.1f}s | {r['tokens_per_s']:.0f} tok/s"
-            + (f" | trainer tokens {r['tokens_computed'] / r['tokens_unique']:.2f}x unique" if "tokens_unique" in r else "")
-            + (f" | held-out {held_out(r['eval_accuracy'], r.get('eval_accuracy_strict'))}" if "eval_accuracy" in r else ""))
-
-
-def held_out(accuracy, strict=None):
-    """Held-out accuracy, lenient then strict (None: a log written before strict was logged)."""
-    return f"{accuracy:.3f}" + ("" if strict is None else f" (strict {strict:.3f})")
-
-
 def append(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def evaluate(llm, task, test, args, adapter):
@@ -771,14 +628,7 @@ def set_up(args):
     """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
     device = torch.device(args.device)
     ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path, args)
-    elif not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
-        what = "a checkpoint" if os.path.exists(ckpt_path) else "the log"
-        fail(f"{args.out_dir} holds {what} of an earlier run; pass --resume to continue it, --overwrite to replace it, or choose another --out-dir")
+    ckpt = open_out_dir(args, ckpt_path, log_path)
     torch.manual_seed(args.seed)
     print(f"loading the {args.task} prompts ...", flush=True)
     task = TASKS.get(args.task, load_reasoning_gym)(args)
@@ -794,21 +644,8 @@ def set_up(args):
         print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, opt)
-        kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
-        kept = [line for line in kept if json.loads(line)["step"] <= start]
-        with open(log_path, "w") as f:
-            f.writelines(kept)  # steps after the checkpoint will be redone
-        print(f"resumed from step {start}")
-    else:
-        for earlier in (ckpt_path, log_path):  # only under --overwrite is there anything here
-            if os.path.exists(earlier):
-                os.remove(earlier)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    start = load_checkpoint(ckpt, model, opt, log_path) if ckpt is not None else 0
+    start_out_dir(args, ckpt_path, log_path)
 
     llm = start_engine(args, path)
     adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
@@ -886,10 +723,7 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     if args.device == "cpu":
-        cpus = pin_cpus(args)
-        print(f"CPU: engine and trainer on core{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))}; --dtype {args.dtype}, --p-old {args.p_old}"
-              + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 ran the CPU quick start's steps about 1.2x faster at a ~0.04 log-prob mismatch"
-                 if args.dtype == "float32" and cpu_has_bf16() else ""))
+        pin_cpus(args)
     if args.probe:
         return probe(args)
     try:
@@ -920,6 +754,101 @@ def main(argv=None):
 # plot, --compare, --probe, answer parsing, checkpoints and --benchmark
 # ---------------------------------------------------------------------------
 
+def check_args(args):
+    """Refuse bad values in one sentence before anything loads, and fill the defaults that depend on others."""
+    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "row_tokens"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.group_size < 2:
+        fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
+    if not (args.lr > 0 and args.eta > 0):
+        fail("--lr and --eta must be positive")
+    for name in ("eval_every", "save_every", "eval_size", "probe"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
+    if args.lora_rank not in (None, 0, *LORA_RANKS):
+        fail(f"--lora-rank {args.lora_rank} is not one vLLM serves: use 0 (full fine-tuning) or one of {', '.join(map(str, LORA_RANKS))}")
+    if args.lora_rank is None:
+        args.lora_rank = 32 if args.task == "gsm8k" else 0
+    if args.threads is not None and not 1 <= args.threads <= len(os.sched_getaffinity(0)):
+        fail(f"--threads must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
+    if task_kwargs(args) and args.task in TASKS:
+        fail(f"--task-kwargs sets a reasoning-gym dataset's options; {args.task} takes none")
+    if args.answer_format is None and not args.benchmark:
+        args.answer_format = default_answer_format(args)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    args.model = shipped_gguf(args.model)
+    if args.p_old is None:
+        args.p_old = "engine" if args.dtype == "float32" else "trainer"
+    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{'probe' if args.probe else args.loss}")
+
+
+def task_kwargs(args):
+    """--task-kwargs as a dict."""
+    try:
+        kwargs = json.loads(args.task_kwargs or "{}")
+    except json.JSONDecodeError as e:
+        fail(f"--task-kwargs is not valid JSON ({e}); write it like '{{\"min_terms\": 2}}'")
+    if not isinstance(kwargs, dict):
+        fail(f"--task-kwargs must be a JSON object of keyword arguments, not {args.task_kwargs}")
+    return kwargs
+
+
+def reasoning_gym_dataset(args, size, seed):
+    try:
+        import reasoning_gym
+    except ImportError:
+        fail("reasoning-gym is not installed (pip install reasoning-gym)")
+    name = {"graph_coloring": "graph_color"}.get(args.task, args.task)
+    try:
+        return reasoning_gym.create_dataset(name, size=size, seed=seed, **task_kwargs(args))
+    except (ValueError, KeyError) as e:
+        fail(f"unknown task {args.task!r}: not gsm8k and not a reasoning-gym dataset ({str(e).splitlines()[0]})")
+    except (TypeError, AssertionError) as e:  # an unknown keyword; a check of the dataset's config
+        fail(f"reasoning-gym's {name} refused --task-kwargs {args.task_kwargs} ({str(e).splitlines()[0]})")
+
+
+def default_answer_format(args):
+    """'hash' for gsm8k and for reasoning-gym datasets whose answers are numbers (judged on a few generated
+    entries), else 'tags'. Tasks registered in TASKS other than gsm8k bring their own prompts."""
+    if args.task in TASKS:
+        return "hash" if args.task == "gsm8k" else None
+    entries = reasoning_gym_dataset(args, 8, args.seed)
+    return "hash" if all(re.fullmatch(NUMBER, str(e["answer"]).strip()) for e in entries) else "tags"
+
+
+def read_gsm8k(args):
+    """GSM8K's train and test rows, from --data-dir's JSON Lines or through `datasets`, each checked to have a
+    question and a '#### <number>' answer."""
+    if args.data_dir:
+        splits = {}
+        for split in ("train", "test"):
+            path = os.path.join(args.data_dir, f"{split}.jsonl")
+            if not os.path.exists(path):
+                fail(f"--data-dir {args.data_dir} has no {split}.jsonl (one JSON object per line with 'question' and 'answer')")
+            try:
+                with open(path) as f:
+                    splits[split] = [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as e:
+                fail(f"{path} is not JSON Lines: {e}")
+    else:
+        try:
+            import datasets
+            ds = datasets.load_dataset("openai/gsm8k", "main")
+        except Exception as e:  # offline hub, missing package, ...
+            fail(f"could not load openai/gsm8k through `datasets` ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                 "on an offline machine pass --data-dir with train.jsonl and test.jsonl")
+        splits = {s: list(ds[s]) for s in ("train", "test")}
+    for split, rows in splits.items():
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r or gold_answer(r) is None]
+        if bad:
+            fail(f"gsm8k {split} row {bad[0]} lacks a 'question' or an 'answer' containing '#### <number>'")
+    return splits
+
+
 def pin_cpus(args):
     """Keep the engine and the trainer to --threads cores, chosen before the engine starts.
 
@@ -933,6 +862,9 @@ def pin_cpus(args):
     n = args.threads or tpo.idle_cores(len(cpus))
     cpus = cpus[:n]
     os.sched_setaffinity(0, cpus)
+    print(f"CPU: engine and trainer on core{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))}; --dtype {args.dtype}, --p-old {args.p_old}"
+          + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 ran the CPU quick start's steps about 1.2x faster at a ~0.04 log-prob mismatch"
+             if args.dtype == "float32" and cpu_has_bf16() else ""))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))  # else the engine binds cores of its own choosing
     # torch._C's setter, not torch.set_num_threads: an engine started earlier in this process (tests) replaced
     # that with a no-op, and more threads than cores, spinning at OpenMP barriers, stall like a busy core.
@@ -1081,6 +1013,32 @@ def model_folder(name):
     os.replace(tmp, folder)
     print(f"dequantized {name} to {'bfloat16' if exact else 'float32'} folder {folder} (once; reused next time)")
     return folder
+
+
+def step_seconds(r):
+    """A logged step's wall time: the sum of its phases."""
+    return sum(r[k] for k in ("t_generate", "t_score", "t_logprobs", "t_update", "t_push"))
+
+
+def progress(r, args):
+    """The step's progress line; phase times are wall seconds of this step."""
+    return (f"step {r['step']}/{args.steps} | reward {r['reward_mean']:.3f} | all-equal groups {r['frac_groups_all_equal']:.0%} "
+            f"| len {r['completion_len_mean']:.0f} (trunc {r['truncated_frac']:.0%}) | loss {r['loss']:.4f} | grad {r['grad_norm']:.3f} "
+            f"| mismatch {r['logp_mismatch']:.1e} | N_eff {r['eff_group_size']:.2f}/{args.group_size} "
+            f"| gen {r['t_generate']:.1f}s logp {r['t_logprobs']:.1f}s upd {r['t_update']:.1f}s push {r['t_push']:.1f}s "
+            f"= {step_seconds(r):.1f}s | {r['tokens_per_s']:.0f} tok/s"
+            + (f" | trainer tokens {r['tokens_computed'] / r['tokens_unique']:.2f}x unique" if "tokens_unique" in r else "")
+            + (f" | held-out {held_out(r['eval_accuracy'], r.get('eval_accuracy_strict'))}" if "eval_accuracy" in r else ""))
+
+
+def held_out(accuracy, strict=None):
+    """Held-out accuracy, lenient then strict (None: a log written before strict was logged)."""
+    return f"{accuracy:.3f}" + ("" if strict is None else f" (strict {strict:.3f})")
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def plot(log, args, path):
@@ -1307,6 +1265,30 @@ def gold_answer(example):
 # Checkpoints: trainable weights, optimizer, step, generators; written atomically
 # ---------------------------------------------------------------------------
 
+def open_out_dir(args, ckpt_path, log_path):
+    """The checkpoint to resume from (None for a fresh run), checked before the model loads; a folder that
+    holds an earlier run is refused unless --resume or --overwrite says what to do with it."""
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        return read_checkpoint(ckpt_path, args)
+    if not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+        what = "a checkpoint" if os.path.exists(ckpt_path) else "the log"
+        fail(f"{args.out_dir} holds {what} of an earlier run; pass --resume to continue it, --overwrite to replace it, or choose another --out-dir")
+    return None
+
+
+def start_out_dir(args, ckpt_path, log_path):
+    """A fresh run deletes what --overwrite allowed it to replace; every run writes its config.json."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not args.resume:
+        for earlier in (ckpt_path, log_path):
+            if os.path.exists(earlier):
+                os.remove(earlier)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+
 def save_checkpoint(path, model, opt, step, args):
     """Returns step. At most two checkpoints exist on disk, and only while this one is written."""
     trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
@@ -1339,13 +1321,18 @@ def read_checkpoint(path, args):
     return ckpt
 
 
-def load_checkpoint(ckpt, model, opt):
-    """Puts the checkpoint's weights and optimizer state in place; returns its step."""
+def load_checkpoint(ckpt, model, opt, log_path):
+    """Puts the checkpoint's weights and optimizer state in place and cuts the log's later steps, which will be
+    redone; returns its step."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in ckpt["trainable"].items():
             params[k].copy_(v)
     opt.load_state_dict(ckpt["optimizer"])
+    kept = [line for line in open(log_path) if json.loads(line)["step"] <= ckpt["step"]] if os.path.exists(log_path) else []
+    with open(log_path, "w") as f:
+        f.writelines(kept)
+    print(f"resumed from step {ckpt['step']}")
     return ckpt["step"]
 
 

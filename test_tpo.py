@@ -1923,7 +1923,7 @@ def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
     for load, threads, cores in [(0.2, None, [0, 1, 2, 3]), (1.4, None, [0, 1, 2]), (9.0, None, [0]), (9.0, 2, [0, 1])]:
         monkeypatch.setattr(tpo, "busy_cores", lambda: load)
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-        assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads)) == cores and pinned[-1] == cores, load
+        assert llm_rlvr.pin_cpus(SimpleNamespace(threads=threads, dtype="float32", p_old="engine")) == cores and pinned[-1] == cores, load
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # the engine binds to the same cores
         assert threads_set[-1] == len(cores)
 
