@@ -2,10 +2,13 @@
 
 One process, one GPU: vLLM generates K replies for each of P prompts, a
 verifier scores them, and plain PyTorch updates the policy; the new weights
-are then pushed into the running engine in memory (no save/reload).
+are then pushed into the running engine in memory (no save/reload). Under
+torchrun each rank does the same for P/N of the prompts with an engine of its
+own, and the gradient is reduced over the ranks (DDP, or FSDP2 with --fsdp).
 
     python llm_rlvr.py --task gsm8k --loss tpo          # Qwen3-1.7B, LoRA r=32, KL 1e-3 (--seq-logp sum for Eq. 1)
     python llm_rlvr.py --task graph_color --loss grpo   # any reasoning-gym dataset by name
+    torchrun --nproc-per-node 8 llm_rlvr.py --task gsm8k --prompts-per-step 64
     python llm_rlvr.py --benchmark                      # the trainer's throughput on a random Qwen3-1.7B
 
 A step, in the order of this file: sample K replies per prompt -> score ->
@@ -20,8 +23,8 @@ of tokens the sums are tens of nats apart, p_old is nearly one-hot and the
 first-epoch gradient p - q nearly vanishes, so our default is the mean
 (measured in docs/llm_rlvr.md). Every other default that is not the paper's
 says so in its --help. What training does not need (--probe, --benchmark,
---compare, checks, GGUF conversion, answer parsing, checkpoints) sits after
-the training path, under one rule. Runs on the CPU too (--device cpu).
+--compare, checks, torchrun's ranks, GGUF conversion, answer parsing,
+checkpoints) sits after the training path, under one rule. Runs on the CPU too (--device cpu).
 """
 
 import os
@@ -35,9 +38,12 @@ import contextlib
 import json
 import random
 import re
+import shutil
 import signal
 import sys
 import time
+import traceback
+from datetime import timedelta
 from fractions import Fraction
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -48,6 +54,7 @@ if "--verbose" not in sys.argv:
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import tpo
 
@@ -83,6 +90,7 @@ parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="the engine's and the trainer's matmuls (autocast); weights stay float32 (default: bfloat16 on a GPU, float32 on the CPU)")
 parser.add_argument("--p-old", default=None, choices=["engine", "trainer"],
                     help="p_old from the engine's log-probs or a no-grad pass of the trainer (default: engine in float32, trainer in bfloat16)")
+parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard the policy, its gradients and AdamW over the ranks (FSDP2)")
 parser.add_argument("--row-tokens", type=int, default=8192, help="most tokens in one packed row; memory only, the gradient is the same")
 parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
 parser.add_argument("--eval-every", type=int, default=5, help="greedy held-out evaluation every N steps; 0 = off (paper: 5, its decoding not stated)")
@@ -105,12 +113,16 @@ parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
 
 CLIP_EPS = 0.2  # GRPO's clip range (paper: 0.2)
 CPU_KV_CACHE_GIB = 1.0  # the CPU engine sizes its KV cache from what the whole process holds, which a trainer inflates
+RANK_TIMEOUT_MIN = 30  # a rank waiting longer than this for the others ends the run (a hang, not a slow step)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank accepts only these
 
 
 def fail(msg):
-    """One clear sentence and a non-zero exit; never a traceback wall for bad input."""
-    print(f"error: {msg}", file=sys.stderr)
+    """One clear sentence and a non-zero exit; never a traceback wall for bad input. Under torchrun, before the
+    ranks have joined, every rank meets the same bad input and rank 0 alone says so."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0 or dist.is_initialized():
+        print(f"error: {msg}" if ranks()[1] == 1 else f"error (rank {rank}): {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -143,29 +155,6 @@ def load_gsm8k(args):
     return SimpleNamespace(train=splits["train"], test=splits["test"], prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
                            score=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format),
                            score_strict=lambda text, ex, finished=True: gsm8k_score(text, ex, finished, args.answer_format, strict=True))
-
-
-def load_reasoning_gym(args):
-    """A reasoning-gym dataset, scored by its own score_answer on the reply's final answer."""
-    n_test = args.eval_size or 200
-    train = reasoning_gym_dataset(args, args.train_size, args.seed)
-    test = list({entry["question"]: entry for entry in reasoning_gym_dataset(args, n_test, args.seed + 1_000_003)}.values())
-    # Small puzzle spaces (2 one-digit terms: 100 sums) repeat: the held-out questions are set aside first and
-    # left out of training, so held-out accuracy is on prompts never trained on, however small the space.
-    held_out = {entry["question"] for entry in test}
-    train_kept = [entry for entry in train if entry["question"] not in held_out]
-    if not train_kept:
-        fail(f"every training prompt of {args.task} is one of the {len(test)} held-out questions; lower --eval-size")
-    if len(train_kept) < len(train):
-        print(f"{len(train) - len(train_kept)} of {len(train)} training prompts repeat one of the {len(test)} held-out "
-              f"questions and were left out")
-
-    def score(completion, entry, finished=True, strict=False):
-        answer = final_answer(completion, finished, args.answer_format, strict)
-        return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
-
-    return SimpleNamespace(train=train_kept, test=test, prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
-                           score=score, score_strict=lambda completion, entry, finished=True: score(completion, entry, finished, True))
 
 
 TASKS = {"gsm8k": load_gsm8k}  # anything else is looked up in reasoning-gym; tests add toy tasks here
@@ -285,6 +274,8 @@ def start_engine(args, model_path):
     extra = dict(enable_lora=True, max_lora_rank=args.lora_rank, max_loras=1) if args.lora_rank else {}
     if args.device == "cpu":
         extra["kv_cache_memory_bytes"] = int(CPU_KV_CACHE_GIB * 2**30)
+    if ranks()[1] > 1:  # one engine per rank, on the rank's own device, beside torchrun's process group
+        extra["distributed_executor_backend"] = "external_launcher"
     print(f"starting the vLLM engine ({args.dtype}, {args.device}) ...", flush=True)
     try:
         return LLM(model=model_path, dtype=args.dtype, seed=args.seed,
@@ -305,14 +296,17 @@ def push_weights(llm, model, args, version, previous=None):
     """Make the engine serve the trainer's current policy; returns the LoRA request to generate with (or None).
     Full fine-tuning copies the weights into the engine in memory and drops its KV cache. LoRA hands over the
     adapter unmerged, under a new id: merged into bfloat16 base weights, most lr-1e-5 updates would round away."""
+    # Under --fsdp each rank holds a shard of every weight: full_tensor() gathers it, on every rank in the same order.
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
     if not args.lora_rank:
-        weights = ((k, v.detach().to(DTYPES[args.dtype])) for k, v in model.state_dict().items())
+        weights = ((k, full(v).detach().to(DTYPES[args.dtype])) for k, v in model.state_dict().items())
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         llm.reset_prefix_cache()
         return None
     from vllm.lora.request import LoRARequest
-    path = os.path.join(args.out_dir, "adapter")
-    model.save_pretrained(path)
+    rank, world = ranks()
+    path = os.path.join(args.out_dir, "adapter" if world == 1 else f"adapter_rank{rank}")
+    model.save_pretrained(path, state_dict={k: full(v) for k, v in model.state_dict().items() if "lora_" in k})
     if previous is not None:
         llm.llm_engine.remove_lora(previous.lora_int_id)
     return LoRARequest("policy", version, path)  # a new id: the engine caches adapters by id
@@ -365,6 +359,9 @@ class Rollout(NamedTuple):
     lp_old: torch.Tensor = None   # [T] p_old's
     lp_ref: torch.Tensor = None   # [T] the initial model's, for the KL penalty (None without one)
     seq_old: torch.Tensor = None  # [P, K] candidate log-probs under p_old (--seq-logp)
+    groups_total: int = None      # the step's groups and reply tokens over all ranks: the losses' denominators
+    tokens_total: int = None
+    pad_rows: int = 0             # forwards this rank adds so that every rank runs as many (FSDP gathers weights in each)
 
 
 def pack(prompts, replies, K, row_tokens):
@@ -419,46 +416,48 @@ def row_logprobs(model, prompt, replies, chunk=2048):
     return torch.cat(out)
 
 
-def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over the trainer's rows (query [rows, H, L, D], key and value [rows, H_kv, L, D]), registered
-    with transformers as "tpo_rows". attention_mask [rows, 1, 1, L] holds each position's block: 0 the prompt,
-    j reply j, -1 padding. The prompt attends causally to itself; the replies, padded to the longest, attend
-    to the prompt's keys and values, computed once, and causally to their own. No score between two replies
-    is computed: a group costs Lp^2 / 2 + sum_j c_j (Lp + c_j) scores, not (Lp + sum_j c_j)^2 / 2 as under
-    one causal mask over the row. Any other call (no mask, or a usual one) is plain SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if attention_mask is None or attention_mask.dtype != torch.long:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    gqa = key.shape[1] != query.shape[1]
-    out = None  # [rows, L, H, D], in the dtype SDPA computes in (autocast's)
-    for r, block in enumerate(attention_mask[:, 0, 0]):
-        Lp, lens = int((block == 0).sum()), torch.bincount(block[block > 0])[1:]  # prompt and reply lengths
-        q, k, v = query[r:r + 1, :, :Lp], key[r:r + 1, :, :Lp], value[r:r + 1, :, :Lp]
-        o = sdpa(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
-        if out is None:
-            out = o.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        out[r, :Lp] = o
-        if not len(lens):
-            continue
-        t = torch.arange(int(lens.max()), device=query.device)
-        at = (Lp + lens.cumsum(0) - lens)[:, None] + t  # [m, C]: each reply's positions, padded to the longest
-        real = t < lens[:, None]
-        at = torch.where(real, at, Lp)  # padding reads any real position; its output is dropped
-        pick = lambda x: x[r][:, at].transpose(0, 1)  # [m, heads, C, D]
-        keys, values = (torch.cat([x.expand(len(lens), -1, -1, -1), pick(y)], 2) for x, y in ((k, key), (v, value)))
-        mask = torch.cat([real.new_ones(len(lens), len(t), Lp), (t[:, None] >= t) & real[:, None, :]], 2)[:, None]
-        o = sdpa(pick(query), keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)  # [m, H, C, D]
-        out[r, at[real]] = o.transpose(1, 2)[real]
-    return out, None
+class Rows(torch.nn.Module):
+    """The policy as the trainer calls it: rows(prompt, replies) is row_logprobs of self.model. DDP and FSDP act
+    when a module is called, so under torchrun the packed rows go through this one, wrapped."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt, replies):
+        return row_logprobs(self.model, prompt, replies)
+
+
+def as_rows(model):
+    """model as a Rows module (a Hugging Face model is wrapped; Rows, and Rows under DDP or FSDP, kept)."""
+    return model if isinstance(getattr(model, "module", model), Rows) else Rows(model)
+
+
+def inner(rows):
+    """The Hugging Face (or LoRA) model inside Rows, under DDP or not."""
+    return getattr(rows, "module", rows).model
+
+
+def row_inputs(rb):
+    """(prompt, replies, a, b) of each row, then rb.pad_rows one-token rows (a = None) whose output is dropped."""
+    return ([(rb.prompts[g], rb.replies[i:j], a, b) for g, i, j, a, b in rb.rows]
+            + [(rb.prompts[0][:1], [rb.prompts[0][:1]], None, None)] * rb.pad_rows)
+
+
+def sync_gradients(rows, on):
+    """Whether the next backward reduces the gradient over the ranks (DDP, FSDP): only an epoch's last row's."""
+    if isinstance(rows, torch.nn.parallel.DistributedDataParallel):
+        rows.require_backward_grad_sync = on  # what DDP's no_sync() sets
+    elif hasattr(rows, "set_requires_gradient_sync"):
+        rows.set_requires_gradient_sync(on)
 
 
 def logprob_pass(model, rb, args, reference=False):
     """[T] token log-probs of every reply, no grad: under the current policy, or under the initial model
     (reference=True: LoRA's adapter switched off)."""
-    base = model.disable_adapter() if reference and args.lora_rank else contextlib.nullcontext()
+    rows = as_rows(model)
+    base = inner(rows).disable_adapter() if reference and args.lora_rank else contextlib.nullcontext()
     with torch.no_grad(), autocast(args), base:
-        return torch.cat([row_logprobs(model, rb.prompts[g], rb.replies[i:j]) for g, i, j, a, b in rb.rows])
+        return torch.cat([lp for lp, a in [(rows(prompt, replies), a) for prompt, replies, a, b in row_inputs(rb)] if a is not None])
 
 
 def sequence_logp(lp, rb, args):
@@ -476,7 +475,8 @@ def rollout_batch(prompts, completions, scores, args, device):
                    unparsed=sum(s is None for g in scores for s in g) / len(replies),
                    seq_of_token=torch.repeat_interleave(torch.arange(len(replies), device=device), lengths),
                    rows=pack(prompts, replies, len(replies) // len(prompts), args.row_tokens),
-                   lp_engine=torch.tensor([x for c in completions for x in c.logprobs], device=device))
+                   lp_engine=torch.tensor([x for c in completions for x in c.logprobs], device=device),
+                   groups_total=len(prompts), tokens_total=int(lengths.sum()))
 
 
 def rollout(run, step, args, t):
@@ -486,20 +486,25 @@ def rollout(run, step, args, t):
     the first epoch needs p_old only where p equals it (TPO's p - q, GRPO's ratio of 1), and in float32 the
     two sides agree to ~1e-5. In bfloat16 they differ by ~0.04, so there the trainer's own pass is the default.
     """
-    P, K = args.prompts_per_step, args.group_size
+    (rank, world), P, K = ranks(), args.prompts_per_step, args.group_size
+    mine = range(rank * P // world, (rank + 1) * P // world)  # under torchrun, each rank's share of the groups
     with timed(t, "generate"):
-        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in range(P)]
-        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in range(P)])
+        batch = [run.train[prompt_index((step - 1) * P + j, len(run.train), args.seed)] for j in mine]
+        outs = generate(run.llm, [ids for ids, _ in batch], K, args, run.adapter, seeds=[sampling_seed(args, step, j) for j in mine])
         if args.device == "cuda":
             run.llm.sleep(level=1 if args.lora_rank else 2)  # level 2 drops the weights too: the push replaces them all
     with timed(t, "score"):
         scores = [[run.task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
     with timed(t, "logprobs"):
         rb = rollout_batch([ids for ids, _ in batch], [c for group in outs for c in group], scores, args, run.device)
-        lp_old = rb.lp_engine if args.p_old == "engine" else logprob_pass(run.model, rb, args)
+        if world > 1:
+            groups, tokens = all_reduce([len(batch), rb.tokens_total])
+            rb = rb._replace(groups_total=int(groups), tokens_total=int(tokens),
+                             pad_rows=int(all_reduce([len(rb.rows)], dist.ReduceOp.MAX)[0]) - len(rb.rows))
+        lp_old = rb.lp_engine if args.p_old == "engine" else logprob_pass(run.policy, rb, args)
         lp_ref = None
         if args.kl_coef:  # with LoRA the reference is the policy with its adapter off
-            lp_ref = logprob_pass(run.model if run.ref is None else run.ref, rb, args, reference=run.ref is None)
+            lp_ref = logprob_pass(run.policy if run.ref is None else run.ref, rb, args, reference=run.ref is None)
         return rb._replace(lp_old=lp_old, lp_ref=lp_ref, seq_old=sequence_logp(lp_old, rb, args))
 
 
@@ -512,11 +517,12 @@ def rollout(run, step, args, t):
 
 def tpo_objective(rb, epoch, args, current_seq_logp):
     """tpo.tpo_loss on the [P, K] candidate log-probs gives c_i = d loss / d logp_i = (p_i - q_i) / P; each row
-    then backpropagates sum over its tokens of c_i * d logp_i / d lp_token, the exact gradient of tpo_loss."""
+    then backpropagates sum over its tokens of c_i * d logp_i / d lp_token, the exact gradient of tpo_loss.
+    Under torchrun a rank holds some of the P groups and returns its share of their mean."""
     # epoch 0 runs on the rollout weights, so p = p_old there and no extra forward is needed
     now = rb.seq_old if epoch == 0 else current_seq_logp()
     leaf = now.clone().requires_grad_(True)
-    loss = tpo.tpo_loss(leaf, rb.seq_old, rb.rewards, eta=args.eta)
+    loss = tpo.tpo_loss(leaf, rb.seq_old, rb.rewards, eta=args.eta) * len(rb.rewards) / rb.groups_total
     (c,) = torch.autograd.grad(loss, leaf)
     w = c.flatten()[rb.seq_of_token]  # [T]: d loss / d token log-prob
     if args.seq_logp == "mean":
@@ -525,9 +531,9 @@ def tpo_objective(rb, epoch, args, current_seq_logp):
 
 
 def grpo_objective(rb, epoch, args, current_seq_logp):
-    """The clipped surrogate on z-scored group advantages, a token-level mean over the whole batch."""
+    """The clipped surrogate on z-scored group advantages, a token-level mean over the whole batch (every rank's)."""
     A = tpo.group_advantages(rb.rewards).flatten()[rb.seq_of_token]  # [T]: each token carries its reply's advantage
-    return (lambda lp, a, b: tpo.grpo_loss(lp, rb.lp_old[a:b], A[a:b], beta=0.0, clip_eps=CLIP_EPS) * (b - a) / len(A)), None
+    return (lambda lp, a, b: tpo.grpo_loss(lp, rb.lp_old[a:b], A[a:b], beta=0.0, clip_eps=CLIP_EPS) * (b - a) / rb.tokens_total), None
 
 
 OBJECTIVES = {"tpo": tpo_objective, "grpo": grpo_objective}
@@ -540,27 +546,34 @@ OBJECTIVES = {"tpo": tpo_objective, "grpo": grpo_objective}
 def update(model, opt, rb, args):
     """--epochs optimizer updates on one rollout batch: the loss of --loss plus kl_coef * KL(pi || initial
     model), a token-level mean. Returns (loss, gradient norm) per epoch and the first epoch's token
-    log-probs [T], detached: the trainer's p on the rollout weights."""
-    T, stats, first = len(rb.seq_of_token), [], torch.zeros_like(rb.lp_engine)
-    params = [p for p in model.parameters() if p.requires_grad]
+    log-probs [T], detached: the trainer's p on the rollout weights. Under torchrun each rank's loss is its
+    share of the step's (see the objectives), the gradient is reduced over the ranks in each epoch's last
+    backward, and the logged loss is this rank's share."""
+    rows, stats, first, world = as_rows(model), [], torch.zeros_like(rb.lp_engine), ranks()[1]
+    params = [p for p in rows.parameters() if p.requires_grad]
     for epoch in range(args.epochs):
-        row_loss, value = OBJECTIVES[args.loss](rb, epoch, args, lambda: sequence_logp(logprob_pass(model, rb, args), rb, args))
+        row_loss, value = OBJECTIVES[args.loss](rb, epoch, args, lambda: sequence_logp(logprob_pass(rows, rb, args), rb, args))
         total = kl_total = 0.0
-        for g, i, j, a, b in rb.rows:
+        inputs = row_inputs(rb)
+        for n, (prompt, replies, a, b) in enumerate(inputs):
+            sync_gradients(rows, n == len(inputs) - 1)  # gradients add up over the rows: one optimizer step per epoch
             with autocast(args):
-                lp = row_logprobs(model, rb.prompts[g], rb.replies[i:j])
+                lp = rows(prompt, replies)
+            if a is None:  # a padding row: a zero gradient, for the collectives its forward and backward take part in
+                (lp.sum() * 0).backward()
+                continue
             if epoch == 0:
                 first[a:b] = lp.detach()
             loss = row_loss(lp, a, b)
             total += loss.item()
             if args.kl_coef:
-                kl = args.kl_coef * tpo.kl_penalty(lp, rb.lp_ref[a:b]).sum() / T
+                kl = args.kl_coef * tpo.kl_penalty(lp, rb.lp_ref[a:b]).sum() / rb.tokens_total
                 loss, kl_total = loss + kl, kl_total + kl.item()
-            loss.backward()  # gradients add up over the rows: one optimizer step per epoch
+            (loss * world).backward()  # DDP and FSDP average over the ranks; the shares are to be summed
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats.append(((total if value is None else value) + kl_total, grad_norm.item()))
+        stats.append(((total if value is None else value) + kl_total, float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())))
     return stats, first
 
 
@@ -584,40 +597,47 @@ def group_diagnostics(seq_old, rewards, eta):
 
 
 def step_record(step, rb, stats, first_lp, t, opt, args):
-    """The step's log line. logp_mismatch: mean |engine - trainer| log-prob of the sampled tokens on the rollout
-    weights, the trainer's side being its p_old pass or, with --p-old engine, its first-epoch forward.
-    tokens_computed: the positions the trainer's forwards covered (a split group computes its prompt again);
-    tokens_unique: each prompt once and every reply token."""
+    """The step's log line, over every rank's groups. logp_mismatch: mean |engine - trainer| log-prob of the
+    sampled tokens on the rollout weights, the trainer's side being its p_old pass or, with --p-old engine, its
+    first-epoch forward. tokens_computed: the positions the trainer's forwards covered (a split group computes
+    its prompt again); tokens_unique: each prompt once and every reply token. Phase times are rank 0's."""
     n_eff, q_move = group_diagnostics(rb.seq_old, rb.rewards, args.eta)
-    lens = rb.lengths.float()
+    lens, share = rb.lengths.float(), len(rb.rewards) / rb.groups_total  # share: this rank's part of the groups
     trainer_lp = rb.lp_old if args.p_old == "trainer" else first_lp
-    return {
-        "step": step, "reward_mean": rb.rewards.mean().item(), "reward_std": rb.rewards.std(unbiased=False).item(),
-        "frac_groups_all_equal": 1 - tpo.informative_groups(rb.rewards).float().mean().item(),
-        "unparsed_frac": rb.unparsed, "completion_len_mean": lens.mean().item(), "truncated_frac": sum(rb.truncated) / len(rb.truncated),
-        "loss": stats[0][0], "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"],
-        "logp_mismatch": (rb.lp_engine - trainer_lp).abs().mean().item(), "eff_group_size": n_eff, "q_pold_abs_mean": q_move,
+    parts = {  # each this rank's part of a sum over the ranks
+        "reward_mean": rb.rewards.mean().item() * share, "reward_sq": rb.rewards.square().mean().item() * share,
+        "frac_groups_all_equal": (1 - tpo.informative_groups(rb.rewards).float().mean().item()) * share,
+        "unparsed_frac": rb.unparsed * share, "completion_len_mean": lens.mean().item() * share,
+        "truncated_frac": sum(rb.truncated) / len(rb.truncated) * share, "loss": stats[0][0],
+        "logp_mismatch": (rb.lp_engine - trainer_lp).abs().sum().item() / rb.tokens_total,
+        "eff_group_size": n_eff * share, "q_pold_abs_mean": q_move * share,
         "tokens_computed": sum(len(rb.prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token),
         "tokens_unique": sum(map(len, rb.prompts)) + len(rb.seq_of_token),
-        **{f"t_{k}": v for k, v in t.items()},
-        "tokens_per_s": (lens.sum().item() + args.group_size * sum(map(len, rb.prompts))) / sum(t.values()),
-    }
+        "tokens_sampled": lens.sum().item() + args.group_size * sum(map(len, rb.prompts))}
+    r = dict(zip(parts, all_reduce(list(parts.values()))))
+    return {"step": step, "reward_mean": r["reward_mean"], "reward_std": max(r.pop("reward_sq") - r["reward_mean"] ** 2, 0.0) ** 0.5,
+            **r, "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"], **{f"t_{k}": v for k, v in t.items()},
+            "tokens_per_s": r.pop("tokens_sampled") / sum(t.values())}
 
 
 def append(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if ranks()[0] == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def evaluate(llm, task, test, args, adapter):
     """Greedy held-out accuracy, lenient (the training reward's reading of a reply) and strict (only the
-    answer format the prompt asks for), and the share of replies the lenient reading could not parse."""
-    outs = generate(llm, [ids for ids, _ in test], 1, args, adapter, greedy=True)
+    answer format the prompt asks for), and the share of replies the lenient reading could not parse.
+    Under torchrun each rank evaluates every N-th prompt and the counts are summed."""
+    rank, world = ranks()
+    mine = test[rank::world]
+    outs = generate(llm, [ids for ids, _ in mine], 1, args, adapter, greedy=True) if mine else []
     strict_score = getattr(task, "score_strict", task.score)
-    scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
-    strict = [strict_score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, test)]
-    return {"eval_accuracy": sum(s or 0.0 for s in scores) / len(scores), "eval_accuracy_strict": sum(s or 0.0 for s in strict) / len(strict),
-            "eval_unparsed_frac": sum(s is None for s in scores) / len(scores)}
+    scores = [task.score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, mine)]
+    strict = [strict_score(o[0].text, ex, not o[0].truncated) for o, (_, ex) in zip(outs, mine)]
+    right, right_strict, unparsed = all_reduce([sum(s or 0.0 for s in scores), sum(s or 0.0 for s in strict), sum(s is None for s in scores)])
+    return {"eval_accuracy": right / len(test), "eval_accuracy_strict": right_strict / len(test), "eval_unparsed_frac": unparsed / len(test)}
 
 
 # ---------------------------------------------------------------------------
@@ -627,7 +647,7 @@ def evaluate(llm, task, test, args, adapter):
 def set_up(args):
     """Checkpoint, data, model, optimizer and engine; fails here, before the engine starts, on anything bad."""
     device = torch.device(args.device)
-    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
+    ckpt_path, log_path = os.path.join(args.out_dir, "checkpoint.dcp" if args.fsdp else "checkpoint.pt"), os.path.join(args.out_dir, "log.jsonl")
     ckpt = open_out_dir(args, ckpt_path, log_path)
     torch.manual_seed(args.seed)
     print(f"loading the {args.task} prompts ...", flush=True)
@@ -642,16 +662,17 @@ def set_up(args):
         fail("no held-out prompt fits --max-prompt-tokens; raise it or pass --eval-every 0")
     if dropped or dropped_test:
         print(f"dropped {dropped} train / {dropped_test} test prompts longer than {args.max_prompt_tokens} tokens")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    policy, ref = distribute(model, args), ref if ref is None else distribute(ref, args)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
 
-    start = load_checkpoint(ckpt, model, opt, log_path) if ckpt is not None else 0
+    start = load_checkpoint(ckpt, policy, opt, log_path, ckpt_path, args) if ckpt is not None else 0
     start_out_dir(args, ckpt_path, log_path)
 
     llm = start_engine(args, path)
     adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
     if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
         set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
-    return SimpleNamespace(task=task, train=train, test=test, model=model, ref=ref, tokenizer=tokenizer,
+    return SimpleNamespace(task=task, train=train, test=test, model=model, policy=policy, ref=ref, tokenizer=tokenizer,
                            opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
                            mid_update=False)
 
@@ -668,7 +689,7 @@ def train_step(run, step, args):
     rb = rollout(run, step, args, t)
     run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
     with timed(t, "update"):
-        stats, first_lp = update(run.model, run.opt, rb, args)
+        stats, first_lp = update(run.policy, run.opt, rb, args)
         if args.device == "cuda":
             torch.cuda.empty_cache()
     with timed(t, "push"):
@@ -692,23 +713,19 @@ def train(run, args, stop):
             append(run.log_path, record)
             print(f"step 0 | held-out accuracy {held_out(record['eval_accuracy'], record['eval_accuracy_strict'])} on {len(run.test)} prompts (greedy)")
         for step in range(run.start + 1, args.steps + 1):
-            if stop:
+            if all_reduce([len(stop)], dist.ReduceOp.MAX)[0]:  # every rank stops at the same step
+                stop.append(True)
                 break
             record = train_step(run, step, args)
             append(run.log_path, record)
             print(progress(record, args), flush=True)
             done, run.mid_update = step, False
             if args.save_every and step % args.save_every == 0:
-                saved = save_checkpoint(run.ckpt_path, run.model, run.opt, step, args)
+                saved = save_checkpoint(run, step, args)
         if done > saved:
-            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
-    except Exception:
-        # Written before the error is shown, so an OOM or a scorer crash in step 900 costs one step, not the run.
-        if done > saved and not run.mid_update:
-            saved = save_checkpoint(run.ckpt_path, run.model, run.opt, done, args)
-        kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
-        print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
-                                                    if done > saved else ""), file=sys.stderr)
+            saved = save_checkpoint(run, done, args)
+    except Exception as e:
+        step_failed(run, done, saved, e, args)
         raise
     return done, saved
 
@@ -720,6 +737,7 @@ def main(argv=None):
     library_logs(args.verbose)
     check_args(args)
     check_resources(args)
+    start_ranks(args)
     if args.benchmark:
         return benchmark(args)
     if args.device == "cpu":
@@ -742,15 +760,17 @@ def main(argv=None):
     if stop:
         print(f"stopped: step {done} saved to {run.ckpt_path}; continue with --resume" if saved else "stopped before step 1 finished; nothing saved")
         sys.exit(130)
-    log = read_log(run.log_path)
-    plot(log, args, os.path.join(args.out_dir, "curves.png"))
+    log = read_log(run.log_path) if ranks()[0] == 0 else None
+    if log is not None:
+        plot(log, args, os.path.join(args.out_dir, "curves.png"))
     print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
     return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
 
 
 # ---------------------------------------------------------------------------
 # --- tools: not needed to train ---
-# CPU pinning, library logs, resource checks, GGUF conversion, the end-of-run
+# Argument checks, task loading, torchrun's ranks, the packed rows' attention
+# kernel, CPU pinning, library logs, resource checks, GGUF conversion, the
 # plot, --compare, --probe, answer parsing, checkpoints and --benchmark
 # ---------------------------------------------------------------------------
 
@@ -849,6 +869,153 @@ def read_gsm8k(args):
     return splits
 
 
+def load_reasoning_gym(args):
+    """A reasoning-gym dataset, scored by its own score_answer on the reply's final answer."""
+    n_test = args.eval_size or 200
+    train = reasoning_gym_dataset(args, args.train_size, args.seed)
+    test = list({entry["question"]: entry for entry in reasoning_gym_dataset(args, n_test, args.seed + 1_000_003)}.values())
+    # Small puzzle spaces (2 one-digit terms: 100 sums) repeat: the held-out questions are set aside first and
+    # left out of training, so held-out accuracy is on prompts never trained on, however small the space.
+    held_out = {entry["question"] for entry in test}
+    train_kept = [entry for entry in train if entry["question"] not in held_out]
+    if not train_kept:
+        fail(f"every training prompt of {args.task} is one of the {len(test)} held-out questions; lower --eval-size")
+    if len(train_kept) < len(train):
+        print(f"{len(train) - len(train_kept)} of {len(train)} training prompts repeat one of the {len(test)} held-out "
+              f"questions and were left out")
+
+    def score(completion, entry, finished=True, strict=False):
+        answer = final_answer(completion, finished, args.answer_format, strict)
+        return None if answer is None else float(train.score_answer(answer=answer, entry=entry))
+
+    return SimpleNamespace(train=train_kept, test=test, prompt=lambda ex: f"{ex['question']}\n\n{INSTRUCTIONS[args.answer_format]}",
+                           score=score, score_strict=lambda completion, entry, finished=True: score(completion, entry, finished, True))
+
+
+# ---------------------------------------------------------------------------
+# The packed rows' attention (see pack and row_logprobs)
+# ---------------------------------------------------------------------------
+
+def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over the trainer's rows (query [rows, H, L, D], key and value [rows, H_kv, L, D]), registered
+    with transformers as "tpo_rows". attention_mask [rows, 1, 1, L] holds each position's block: 0 the prompt,
+    j reply j, -1 padding. The prompt attends causally to itself; the replies, padded to the longest, attend
+    to the prompt's keys and values, computed once, and causally to their own. No score between two replies
+    is computed: a group costs Lp^2 / 2 + sum_j c_j (Lp + c_j) scores, not (Lp + sum_j c_j)^2 / 2 as under
+    one causal mask over the row. Any other call (no mask, or a usual one) is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if attention_mask is None or attention_mask.dtype != torch.long:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = key.shape[1] != query.shape[1]
+    out = None  # [rows, L, H, D], in the dtype SDPA computes in (autocast's)
+    for r, block in enumerate(attention_mask[:, 0, 0]):
+        Lp, lens = int((block == 0).sum()), torch.bincount(block[block > 0])[1:]  # prompt and reply lengths
+        q, k, v = query[r:r + 1, :, :Lp], key[r:r + 1, :, :Lp], value[r:r + 1, :, :Lp]
+        o = sdpa(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
+        if out is None:
+            out = o.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        out[r, :Lp] = o
+        if not len(lens):
+            continue
+        t = torch.arange(int(lens.max()), device=query.device)
+        at = (Lp + lens.cumsum(0) - lens)[:, None] + t  # [m, C]: each reply's positions, padded to the longest
+        real = t < lens[:, None]
+        at = torch.where(real, at, Lp)  # padding reads any real position; its output is dropped
+        pick = lambda x: x[r][:, at].transpose(0, 1)  # [m, heads, C, D]
+        keys, values = (torch.cat([x.expand(len(lens), -1, -1, -1), pick(y)], 2) for x, y in ((k, key), (v, value)))
+        mask = torch.cat([real.new_ones(len(lens), len(t), Lp), (t[:, None] >= t) & real[:, None, :]], 2)[:, None]
+        o = sdpa(pick(query), keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)  # [m, H, C, D]
+        out[r, at[real]] = o.transpose(1, 2)[real]
+    return out, None
+
+
+# ---------------------------------------------------------------------------
+# Ranks: under torchrun each rank is one process with its own GPU and its own
+# engine; it takes P/N of the step's groups, and the gradient is reduced over
+# the ranks (DDP, or FSDP2 with --fsdp). A plain `python` run is one rank
+# ---------------------------------------------------------------------------
+
+def start_ranks(args):
+    """Join torchrun's process group, before the engine starts (vLLM then gives each rank an engine of its own).
+    Ranks other than 0 print nothing; their errors still reach stderr."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        if args.fsdp:
+            fail("--fsdp shards the policy over ranks: launch with torchrun --nproc-per-node N llm_rlvr.py ...")
+        return
+    if args.prompts_per_step % world:
+        fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world} ranks")
+    if args.probe or args.benchmark:
+        fail("--probe and --benchmark run in one process: launch them with python, not torchrun")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(minutes=RANK_TIMEOUT_MIN))
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def ranks():
+    """(this process's rank, number of ranks): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce(values, op=dist.ReduceOp.SUM):
+    """A list of numbers reduced over the ranks, element by element (in one process, as they are)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    x = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(x, op=op)
+    return x.tolist()
+
+
+def step_failed(run, done, saved, error, args):
+    """A step raised. One process: save the last finished step unless the weights were mid-update (an OOM or a
+    scorer crash in step 900 then costs one step, not the run), say so, and let the traceback follow. Under
+    torchrun: end this rank at once in one sentence (rank_failed)."""
+    if ranks()[1] > 1:
+        rank_failed(run, done, saved, error)
+    if done > saved and not run.mid_update:
+        saved = save_checkpoint(run, done, args)
+    kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
+    print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
+                                                if done > saved else ""), file=sys.stderr)
+
+
+def rank_failed(run, done, saved, error):
+    """Under torchrun an error ends its rank at once, in one sentence (the traceback goes to the run folder): the
+    other ranks then fail in their next collective, or torchrun stops them, instead of waiting for this one."""
+    rank = ranks()[0]
+    path = os.path.join(os.path.dirname(run.log_path), f"error_rank{rank}.txt")
+    with open(path, "w") as f:
+        traceback.print_exc(file=f)
+    what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    if "closed by peer" in what or "Connection reset" in what:
+        what = "another rank ended (its error is above)"
+    kept = f"the checkpoint holds step {saved}" if saved else "no checkpoint was written"
+    print(f"error (rank {rank}) in step {done + 1}: {what}; {kept}; traceback in {path}", file=sys.stderr, flush=True)
+    os._exit(1)  # skips the engine's clean-up, which would wait on the ranks that are gone
+
+
+def distribute(model, args):
+    """model's Rows as the ranks run it: as it is in one process, under DDP, or sharded by FSDP2 (each decoder
+    layer, then the rest at the root: the embedding and the head, tied in many models, stay in one group)."""
+    rows = Rows(model)
+    if ranks()[1] == 1 or not (args.fsdp or any(p.requires_grad for p in model.parameters())):
+        return rows  # a frozen reference needs no DDP
+    if not args.fsdp:
+        return torch.nn.parallel.DistributedDataParallel(rows, forward_sync_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.get_decoder().layers:
+        fully_shard(layer)
+    return fully_shard(rows)
+
+
+# ---------------------------------------------------------------------------
+# The machine: CPU pinning, library logs, resource and hub checks, GGUF models
+# ---------------------------------------------------------------------------
+
 def pin_cpus(args):
     """Keep the engine and the trainer to --threads cores, chosen before the engine starts.
 
@@ -859,8 +1026,10 @@ def pin_cpus(args):
     the operating system moves the other job off our cores.
     """
     cpus = sorted(os.sched_getaffinity(0))
-    n = args.threads or tpo.idle_cores(len(cpus))
-    cpus = cpus[:n]
+    local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    # Under torchrun the node's ranks split its cores (measuring idle ones would count each other's start-up).
+    n = args.threads or (tpo.idle_cores(len(cpus)) if per_node == 1 else max(1, len(cpus) // per_node))
+    cpus = [cpus[(local * n + i) % len(cpus)] for i in range(min(n, len(cpus)))]
     os.sched_setaffinity(0, cpus)
     print(f"CPU: engine and trainer on core{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))}; --dtype {args.dtype}, --p-old {args.p_old}"
           + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 ran the CPU quick start's steps about 1.2x faster at a ~0.04 log-prob mismatch"
@@ -1279,25 +1448,52 @@ def open_out_dir(args, ckpt_path, log_path):
 
 
 def start_out_dir(args, ckpt_path, log_path):
-    """A fresh run deletes what --overwrite allowed it to replace; every run writes its config.json."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not args.resume:
-        for earlier in (ckpt_path, log_path):
-            if os.path.exists(earlier):
-                os.remove(earlier)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    """A fresh run deletes what --overwrite allowed it to replace; every run writes its config.json (rank 0)."""
+    if ranks()[0] == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if not args.resume:
+            for earlier in (ckpt_path, log_path):
+                if os.path.isdir(earlier):
+                    shutil.rmtree(earlier)
+                elif os.path.exists(earlier):
+                    os.remove(earlier)
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    if ranks()[1] > 1:
+        dist.barrier()
 
 
-def save_checkpoint(path, model, opt, step, args):
-    """Returns step. At most two checkpoints exist on disk, and only while this one is written."""
-    trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
-    size = sum(v.nbytes for v in trainable.values()) + sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    print(f"writing checkpoint {path} at step {step} ({size / 1e9:.2g} GB) ...", flush=True)
+def save_checkpoint(run, step, args):
+    """Returns step. At most two checkpoints exist on disk, and only while this one is written. One file, from
+    rank 0 (every rank holds the whole policy), or under --fsdp a torch.distributed.checkpoint folder, each rank
+    writing its shards; with every rank's generators either way."""
+    (rank, world), path = ranks(), run.ckpt_path
+    rng = [None] * world
+    if world > 1:
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    meta = {"step": step, "rng": rng, "args": vars(args)}
     tmp = path + ".tmp"
-    torch.save({"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-                "optimizer": opt.state_dict(), "rng": rng_state(), "args": vars(args)}, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact; the replace removes it
+    size = sum(v.numel() * v.element_size() for v in run.policy.parameters() if v.requires_grad) * 3  # weights and AdamW's two moments
+    print(f"writing checkpoint {path} at step {step} ({size / 1e9:.2g} GB{' over all ranks' if args.fsdp else ''}) ...", flush=True)
+    if args.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_state, opt_state = get_state_dict(run.policy, run.opt, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=tmp)
+        if rank == 0:
+            torch.save(meta, os.path.join(tmp, "meta.pt"))
+    elif rank == 0:
+        trainable = {k: v.detach().cpu() for k, v in run.model.named_parameters() if v.requires_grad}
+        torch.save({**meta, "trainable": trainable, "optimizer": run.opt.state_dict()}, tmp)
+    if rank == 0:  # a crash mid-save leaves the previous checkpoint intact
+        if os.path.isdir(path):
+            os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    if world > 1:
+        dist.barrier()
     return step
 
 
@@ -1309,8 +1505,9 @@ RESUME_MUST_MATCH = ("task", "task_kwargs", "answer_format", "model", "data_dir"
 
 
 def read_checkpoint(path, args):
-    """The checkpoint, memory-mapped, once it is known to continue this run: checked before the model loads."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """The checkpoint, memory-mapped (under --fsdp its step, arguments and generators; the shards are read in
+    load_checkpoint), once it is known to continue this run: checked before the model loads."""
+    ckpt = torch.load(os.path.join(path, "meta.pt") if args.fsdp else path, map_location="cpu", weights_only=False, mmap=True)
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {ckpt['args'].get(k)})"
                for k in RESUME_MUST_MATCH if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
@@ -1321,17 +1518,26 @@ def read_checkpoint(path, args):
     return ckpt
 
 
-def load_checkpoint(ckpt, model, opt, log_path):
+def load_checkpoint(ckpt, policy, opt, log_path, path, args):
     """Puts the checkpoint's weights and optimizer state in place and cuts the log's later steps, which will be
     redone; returns its step."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in ckpt["trainable"].items():
-            params[k].copy_(v)
-    opt.load_state_dict(ckpt["optimizer"])
-    kept = [line for line in open(log_path) if json.loads(line)["step"] <= ckpt["step"]] if os.path.exists(log_path) else []
-    with open(log_path, "w") as f:
-        f.writelines(kept)
+    if args.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_state, opt_state = get_state_dict(policy, opt, options=options)
+        dcp.load({"model": model_state, "optimizer": opt_state}, checkpoint_id=path)
+        set_state_dict(policy, opt, model_state_dict=model_state, optim_state_dict=opt_state, options=options)
+    else:
+        params = dict(inner(policy).named_parameters())
+        with torch.no_grad():
+            for k, v in ckpt["trainable"].items():
+                params[k].copy_(v)
+        opt.load_state_dict(ckpt["optimizer"])
+    if ranks()[0] == 0:
+        kept = [line for line in open(log_path) if json.loads(line)["step"] <= ckpt["step"]] if os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(kept)
     print(f"resumed from step {ckpt['step']}")
     return ckpt["step"]
 
@@ -1343,6 +1549,9 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """state: one rank's generators, or every rank's (a list: this rank takes its own)."""
+    if isinstance(state, list):
+        state = state[ranks()[0] % len(state)]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -1299,9 +1299,9 @@ def spy_on_update(monkeypatch):
     """Records the rollout batch of each update call of a run."""
     calls, real = [], llm_rlvr.update
 
-    def update(model, opt, rb, args):
+    def update(model, opt, rb, args, *rest):
         calls.append(rb)
-        return real(model, opt, rb, args)
+        return real(model, opt, rb, args, *rest)
     monkeypatch.setattr(llm_rlvr, "update", update)
     return calls
 
@@ -2170,3 +2170,121 @@ def test_docs_links_anchors_and_figures_resolve_and_readme_is_a_front_page():
     with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
         lines = f.read().count("\n")
     assert lines <= 260, f"README.md has {lines} lines; a front page has at most 260, the rest belongs in docs/"
+
+
+# ---------------------------------------------------------------------------
+# llm_rlvr.py under torchrun: 2 CPU ranks (gloo), each with its own vLLM-CPU engine
+# ---------------------------------------------------------------------------
+
+LAUNCH = '''
+import json, os, sys
+from types import SimpleNamespace
+sys.path.insert(0, {repo!r})
+import test_tpo  # registers the test tasks
+import llm_rlvr
+
+
+def crash_on_rank_1(args):
+    """The digits task whose scorer raises on rank 1 only."""
+    task = test_tpo.digits_task(args)
+
+    def score(text, ex, finished):
+        if os.environ.get("RANK") == "1":
+            raise ValueError("the scorer broke on this reply")
+        return task.score(text, ex, finished)
+    return SimpleNamespace(**{{**vars(task), "score": score}})
+
+
+llm_rlvr.TASKS["digits_crash_rank_1"] = crash_on_rank_1
+result = llm_rlvr.main(sys.argv[1:])
+# What the rank's engine serves after the last push: its greedy reply to a fixed prompt and the log-probs.
+from vllm import SamplingParams
+out = result.llm.generate([{{"prompt_token_ids": [5, 6, 7, 8]}}], SamplingParams(max_tokens=8, temperature=0.0, logprobs=0),
+                          use_tqdm=False)[0].outputs[0]
+with open(os.path.join(result.args.out_dir, "engine_rank%s.json" % os.environ.get("RANK", 0)), "w") as f:
+    json.dump({{"tokens": list(out.token_ids), "logprobs": [d[t].logprob for t, d in zip(out.token_ids, out.logprobs)]}}, f)
+'''
+
+
+def launch(tmp_path, tiny_model, nproc, out, *extra, timeout=240):
+    """llm_rlvr.main on the digits task (rewards that vary within groups) in nproc ranks, one thread each; nproc 0:
+    plain python, one process."""
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH.format(repo=os.path.dirname(os.path.abspath(__file__))))
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runner = [sys.executable] if nproc == 0 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                                                 "--master-port", str(port)]
+    argv = ["--task", "digits", "--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--prompts-per-step", "4",
+            "--group-size", "4", "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--eval-every", "0", "--threads", "1",
+            "--out-dir", str(tmp_path / out), *extra]
+    t0 = time.time()
+    done = subprocess.run([*runner, str(script), *argv], capture_output=True, text=True, timeout=timeout)
+    return done, time.time() - t0
+
+
+def rank_log(tmp_path, out):
+    with open(tmp_path / out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def rank_runs(tiny_model, tmp_path_factory):
+    """Two steps of 4 prompts in one process; the same under torchrun on 2 ranks (DDP); and runs of 2 ranks, DDP and
+    --fsdp, stopped after step 1 and resumed to step 2."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    runs = {"one": launch(tmp, tiny_model, 0, "one", "--steps", "2"), "ddp": launch(tmp, tiny_model, 2, "ddp", "--steps", "2")}
+    for name, extra in (("ddp_resumed", ()), ("fsdp_resumed", ("--fsdp",))):
+        runs[name + "_first"] = launch(tmp, tiny_model, 2, name, "--steps", "1", *extra)
+        runs[name] = launch(tmp, tiny_model, 2, name, "--steps", "2", "--resume", *extra)
+    for name, (done, _) in runs.items():
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    return tmp, runs
+
+
+@pytest.mark.parametrize("run", ["ddp", "ddp_resumed", "fsdp_resumed"])
+def test_two_ranks_log_the_one_process_steps(rank_runs, run):
+    """Each rank generates, scores and backpropagates 2 of the 4 groups; the losses' denominators are the step's,
+    and the gradient is reduced over the ranks, so the 2-rank step is the 1-process step: same samples (seeded per
+    prompt), same rewards and lengths, and the same loss and gradient norm up to float32 summation order. Step 2
+    starts from the weights step 1 left (and, resumed, from the checkpoint), so the updates match too."""
+    tmp, runs = rank_runs
+    one, two = rank_log(tmp, "one"), rank_log(tmp, run)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
+    assert one[0]["grad_norm"] > 1 and one[0]["frac_groups_all_equal"] < 1  # the rewards vary: not a vacuous zero update
+    for a, b in zip(one, two):
+        for key in ("reward_mean", "reward_std", "completion_len_mean", "truncated_frac", "frac_groups_all_equal", "tokens_unique"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (run, a["step"], key)
+        for key in ("loss", "grad_norm", "eff_group_size"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (run, a["step"], key)
+    if run.endswith("resumed"):
+        assert "resumed from step 1" in runs[run][0].stdout
+
+
+@pytest.mark.parametrize("run", ["ddp", "fsdp_resumed"])
+def test_every_rank_engine_serves_the_same_weights_after_a_push(rank_runs, run):
+    tmp, _ = rank_runs
+    engines = [json.loads((tmp / run / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
+    assert engines[0]["tokens"] == engines[1]["tokens"] and engines[0]["logprobs"] == pytest.approx(engines[1]["logprobs"], abs=1e-6)
+    assert (tmp / run / ("checkpoint.dcp" if run.startswith("fsdp") else "checkpoint.pt")).exists()
+    assert not (tmp / run / "error_rank0.txt").exists()
+
+
+def test_a_rank_that_raises_ends_every_rank_in_one_sentence(tiny_model, tmp_path):
+    done, seconds = launch(tmp_path, tiny_model, 2, "crash", "--task", "digits_crash_rank_1", "--steps", "2")
+    assert done.returncode != 0 and seconds < 120
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error (rank")]
+    assert any(line.startswith("error (rank 1) in step 1: ValueError: the scorer broke on this reply; no checkpoint was written")
+               for line in lines), done.stderr[-3000:]
+    assert "the scorer broke" in (tmp_path / "crash" / "error_rank1.txt").read_text()  # the traceback, kept
+
+
+def test_rank_settings_that_cannot_work_are_refused_at_start(tiny_model, tmp_path, capsys):
+    done, _ = launch(tmp_path, tiny_model, 2, "odd", "--prompts-per-step", "3", "--steps", "1")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert done.returncode != 0 and errors == ["error: --prompts-per-step 3 does not split into whole groups over 2 ranks"], done.stderr[-2000:]
+    with pytest.raises(SystemExit):
+        llm_rlvr.main(["--task", "digits", "--model", tiny_model, "--device", "cpu", "--fsdp", "--out-dir", str(tmp_path / "f")])
+    assert "--fsdp shards the policy over ranks: launch with torchrun" in capsys.readouterr().err
