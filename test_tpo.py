@@ -2233,9 +2233,12 @@ def rank_log(tmp_path, out):
 @pytest.fixture(scope="module")
 def rank_runs(tiny_model, tmp_path_factory):
     """Two steps of 4 prompts in one process; the same under torchrun on 2 ranks (DDP); and runs of 2 ranks, DDP and
-    --fsdp, stopped after step 1 and resumed to step 2."""
+    --fsdp, stopped after step 1 and resumed to step 2. With LoRA (the GSM8K default) and a held-out evaluation after
+    each step, in one process and on 2 ranks."""
     tmp = tmp_path_factory.mktemp("ranks")
     runs = {"one": launch(tmp, tiny_model, 0, "one", "--steps", "2"), "ddp": launch(tmp, tiny_model, 2, "ddp", "--steps", "2")}
+    lora = ("--steps", "2", "--lora-rank", "8", "--eval-every", "1", "--eval-size", "8")
+    runs["one_lora"], runs["ddp_lora"] = launch(tmp, tiny_model, 0, "one_lora", *lora), launch(tmp, tiny_model, 2, "ddp_lora", *lora)
     for name, extra in (("ddp_resumed", ()), ("fsdp_resumed", ("--fsdp",))):
         runs[name + "_first"] = launch(tmp, tiny_model, 2, name, "--steps", "1", *extra)
         runs[name] = launch(tmp, tiny_model, 2, name, "--steps", "2", "--resume", *extra)
@@ -2244,14 +2247,17 @@ def rank_runs(tiny_model, tmp_path_factory):
     return tmp, runs
 
 
-@pytest.mark.parametrize("run", ["ddp", "ddp_resumed", "fsdp_resumed"])
-def test_two_ranks_log_the_one_process_steps(rank_runs, run):
+@pytest.mark.parametrize("run, one", [("ddp", "one"), ("ddp_resumed", "one"), ("fsdp_resumed", "one"), ("ddp_lora", "one_lora")])
+def test_two_ranks_log_the_one_process_steps(rank_runs, run, one):
     """Each rank generates, scores and backpropagates 2 of the 4 groups; the losses' denominators are the step's,
     and the gradient is reduced over the ranks, so the 2-rank step is the 1-process step: same samples (seeded per
     prompt), same rewards and lengths, and the same loss and gradient norm up to float32 summation order. Step 2
     starts from the weights step 1 left (and, resumed, from the checkpoint), so the updates match too."""
     tmp, runs = rank_runs
-    one, two = rank_log(tmp, "one"), rank_log(tmp, run)
+    one, two = rank_log(tmp, one), rank_log(tmp, run)
+    if "eval_accuracy" in one[0]:  # each rank evaluates half the held-out prompts; the counts are summed
+        assert [r["eval_accuracy"] for r in two] == pytest.approx([r["eval_accuracy"] for r in one], abs=1e-9) and len(one[0]) == 4
+        one, two = one[1:], two[1:]
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     assert one[0]["grad_norm"] > 1 and one[0]["frac_groups_all_equal"] < 1  # the rewards vary: not a vacuous zero update
     for a, b in zip(one, two):
@@ -2263,7 +2269,7 @@ def test_two_ranks_log_the_one_process_steps(rank_runs, run):
         assert "resumed from step 1" in runs[run][0].stdout
 
 
-@pytest.mark.parametrize("run", ["ddp", "fsdp_resumed"])
+@pytest.mark.parametrize("run", ["ddp", "fsdp_resumed", "ddp_lora"])
 def test_every_rank_engine_serves_the_same_weights_after_a_push(rank_runs, run):
     tmp, _ = rank_runs
     engines = [json.loads((tmp / run / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
