@@ -191,23 +191,6 @@ def autocast(args):
     return torch.autocast(device_type=args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "float32")
 
 
-def cannot_load(args, e):
-    fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
-
-
-def load_tokenizer(args, path):
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        cannot_load(args, e)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        fail(f"{args.model!r} has no chat template; use a chat or instruct model")
-    return tokenizer
-
-
 def load_policy(args, device, path=None):
     """The trainable policy, a frozen reference (full fine-tuning with KL only) and the tokenizer, from
     path (default: --model)."""
@@ -247,13 +230,6 @@ def load_policy(args, device, path=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, ref, tokenizer
-
-
-def row_attention_name():
-    """The name under which transformers knows row_attention (registered on first use)."""
-    from transformers import AttentionInterface
-    AttentionInterface.register("tpo_rows", row_attention)
-    return "tpo_rows"
 
 
 def with_lora(model, args):
@@ -441,14 +417,6 @@ def row_inputs(rb):
     """(prompt, replies, a, b) of each row, then rb.pad_rows one-token rows (a = None) whose output is dropped."""
     return ([(rb.prompts[g], rb.replies[i:j], a, b) for g, i, j, a, b in rb.rows]
             + [(rb.prompts[0][:1], [rb.prompts[0][:1]], None, None)] * rb.pad_rows)
-
-
-def sync_gradients(rows, on):
-    """Whether the next backward reduces the gradient over the ranks (DDP, FSDP): only an epoch's last row's."""
-    if isinstance(rows, torch.nn.parallel.DistributedDataParallel):
-        rows.require_backward_grad_sync = on  # what DDP's no_sync() sets
-    elif hasattr(rows, "set_requires_gradient_sync"):
-        rows.set_requires_gradient_sync(on)
 
 
 def logprob_pass(model, rb, args, reference=False):
@@ -896,6 +864,13 @@ def load_reasoning_gym(args):
 # The packed rows' attention (see pack and row_logprobs)
 # ---------------------------------------------------------------------------
 
+def row_attention_name():
+    """The name under which transformers knows row_attention (registered on first use)."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("tpo_rows", row_attention)
+    return "tpo_rows"
+
+
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over the trainer's rows (query [rows, H, L, D], key and value [rows, H_kv, L, D]), registered
     with transformers as "tpo_rows". attention_mask [rows, 1, 1, L] holds each position's block: 0 the prompt,
@@ -997,6 +972,14 @@ def rank_failed(run, done, saved, error):
     os._exit(1)  # skips the engine's clean-up, which would wait on the ranks that are gone
 
 
+def sync_gradients(rows, on):
+    """Whether the next backward reduces the gradient over the ranks (DDP, FSDP): only an epoch's last row's."""
+    if isinstance(rows, torch.nn.parallel.DistributedDataParallel):
+        rows.require_backward_grad_sync = on  # what DDP's no_sync() sets
+    elif hasattr(rows, "set_requires_gradient_sync"):
+        rows.set_requires_gradient_sync(on)
+
+
 def distribute(model, args):
     """model's Rows as the ranks run it: as it is in one process, under DDP, or sharded by FSDP2 (each decoder
     layer, then the rest at the root: the embedding and the head, tied in many models, stay in one group)."""
@@ -1013,8 +996,26 @@ def distribute(model, args):
 
 
 # ---------------------------------------------------------------------------
-# The machine: CPU pinning, library logs, resource and hub checks, GGUF models
+# The machine and the model files: CPU pinning, library logs, resource and hub
+# checks, loading a tokenizer, GGUF models
 # ---------------------------------------------------------------------------
+
+def cannot_load(args, e):
+    fail(f"could not load model {args.model!r} ({str(e).splitlines()[0][:160]}); on an offline machine pass --model with a local folder and set HF_HUB_OFFLINE=1")
+
+
+def load_tokenizer(args, path):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        cannot_load(args, e)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        fail(f"{args.model!r} has no chat template; use a chat or instruct model")
+    return tokenizer
+
 
 def pin_cpus(args):
     """Keep the engine and the trainer to --threads cores, chosen before the engine starts.
@@ -1137,8 +1138,8 @@ def shipped_gguf(name):
     if not name.endswith(".gguf") or os.path.dirname(name) or os.path.exists(name):
         return name
     from importlib.metadata import distributions
-    for dist in distributions():
-        for f in dist.files or ():
+    for package in distributions():
+        for f in package.files or ():
             if f.name == name:
                 return str(f.locate())
     return name  # check_resources reports it as missing
@@ -1236,44 +1237,42 @@ def plot(log, args, path):
     plt.close(fig)
 
 
+def read_run(d):
+    """One finished run folder as --compare summarizes it: the curves, and the first and last 10 steps' mean
+    reward and reply length."""
+    log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
+    if not (os.path.exists(log_path) and os.path.exists(config_path)):
+        fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
+    with open(config_path) as f:
+        config = json.load(f)
+    log = read_log(log_path)
+    train, evals = [r for r in log if "reward_mean" in r], [r for r in log if "eval_accuracy" in r]
+    if not train:
+        fail(f"{d} has no finished step")
+    rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
+    return {"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
+            "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]),
+            "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
+            "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
+            "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
+            "train_steps": [r["step"] for r in train], "train_reward": rewards,
+            "seconds_per_step": np.mean([step_seconds(r) for r in train])}
+
+
 def compare(args):
-    """--compare: several finished runs (e.g. --loss tpo and grpo at one seed) in one figure and one table.
+    """--compare: several finished runs (e.g. --loss tpo and grpo at a few seeds) in one figure and one table.
     The train reward is a mean over only P x K samples a step, so the figure also draws its 5-step moving
     average; the table gives the mean reward and reply length of the first and of the last 10 steps and
     the held-out accuracy at the first and the last evaluation, lenient and, where logged, strict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def mean(xs):
-        return sum(xs) / len(xs)
-
-    runs = []
-    for d in args.compare:
-        log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
-        if not (os.path.exists(log_path) and os.path.exists(config_path)):
-            fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
-        with open(config_path) as f:
-            config = json.load(f)
-        log = read_log(log_path)
-        train = [r for r in log if "reward_mean" in r]
-        evals = [r for r in log if "eval_accuracy" in r]
-        if not train:
-            fail(f"{d} has no finished step")
-        rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
-        runs.append({"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
-                     "reward_first10": mean(rewards[:10]), "reward_last10": mean(rewards[-10:]),
-                     "length_first10": mean(lengths[:10]), "length_last10": mean(lengths[-10:]),
-                     "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
-                     "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
-                     "train_steps": [r["step"] for r in train], "train_reward": rewards,
-                     "seconds_per_step": mean([step_seconds(r) for r in train])})
-
+    runs = [read_run(d) for d in args.compare]
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.6))
     losses, seeds, w = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs}), 5
     for r in runs:  # colour = loss, line style = seed
         label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
-        smooth = [mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
+        smooth = [np.mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
         ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
         ax_r.plot(r["train_steps"], smooth, color=color, linestyle=style, label=label)
         if r["eval_steps"]:
@@ -1292,7 +1291,7 @@ def compare(args):
     fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
     plt.close(fig)
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump(runs, f, indent=1)
+        json.dump(runs, f, indent=1, default=float)
     print_compare_table(runs)
     print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
     return runs
@@ -1308,6 +1307,12 @@ def print_compare_table(runs):
                            for j in (0, -1)) if r["eval_steps"] else "not evaluated"
         print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
               f"| {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} | {r['seconds_per_step']:.0f} |")
+    for loss in sorted({r["loss"] for r in runs}, reverse=True):  # over seeds: mean and standard error
+        of = [r for r in runs if r["loss"] == loss]
+        se = lambda xs: f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) / len(xs) ** 0.5:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+        last = [r["eval_accuracy"][-1] for r in of if r["eval_steps"]]
+        print(f"{loss}, {len(of)} run{'s' if len(of) > 1 else ''}: train reward over the last 10 steps {se([r['reward_last10'] for r in of])}"
+              + (f"; last held-out accuracy {se(last)}" if last else ""))
 
 
 def probe(args):
@@ -1567,19 +1572,10 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 BENCH_ITERS = 3  # timed steps, after one warm-up
 
 
-def benchmark(args):
-    """--benchmark: tokens per second and peak memory of the trainer's phases (the p_old pass under
-    --p-old trainer, and the update) on random weights of --model's shape (Qwen3-1.7B's for the default, so
-    nothing is downloaded; a local folder's config otherwise), for P groups of one random --max-prompt-tokens
-    prompt and K random replies of --max-new-tokens, with --lora-rank and --gradient-checkpointing as given.
-
-    Tokens per second count unique tokens (each prompt once, every reply token). Model FLOPs: a forward costs
-    2 N_body per position computed (N_body: the parameters outside the embedding and the output head) plus
-    2 d V per reply token for the head, the only positions it runs on; a backward costs two forwards, the
-    recomputation of gradient checkpointing is not counted (as usual for MFU), nor are attention scores.
-    MFU is against the GPU's dense bf16 peak."""
+def bench_model_and_batch(args, device):
+    """--benchmark's model (random weights of --model's shape, or Qwen3-1.7B's) and rollout batch: P random
+    prompts of --max-prompt-tokens, each with K random replies of --max-new-tokens and random 0/1 scores."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    device = torch.device(args.device)
     if args.model == parser.get_default("model"):
         shape = dict(QWEN3_1_7B)
         config = AutoConfig.for_model(shape.pop("model_type"), **shape)
@@ -1596,8 +1592,25 @@ def benchmark(args):
     completions = [Completion(torch.randint(config.vocab_size, (C,), generator=gen).tolist(), [0.0] * C, True, "") for _ in range(P * K)]
     scores = torch.randint(0, 2, (P, K), generator=gen).tolist()
     rb = rollout_batch(prompts, completions, scores, args, device)
+    return model, config, rb
+
+
+def benchmark(args):
+    """--benchmark: tokens per second and peak memory of the trainer's phases (the p_old pass under
+    --p-old trainer, and the update) on random weights of --model's shape (Qwen3-1.7B's for the default, so
+    nothing is downloaded; a local folder's config otherwise), for P groups of one random --max-prompt-tokens
+    prompt and K random replies of --max-new-tokens, with --lora-rank and --gradient-checkpointing as given.
+
+    Tokens per second count unique tokens (each prompt once, every reply token). Model FLOPs: a forward costs
+    2 N_body per position computed (N_body: the parameters outside the embedding and the output head) plus
+    2 d V per reply token for the head, the only positions it runs on; a backward costs two forwards, the
+    recomputation of gradient checkpointing is not counted (as usual for MFU), nor are attention scores.
+    MFU is against the GPU's dense bf16 peak."""
+    device = torch.device(args.device)
+    model, config, rb = bench_model_and_batch(args, device)
+    P, K, Lp, C = args.prompts_per_step, args.group_size, args.max_prompt_tokens, args.max_new_tokens
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    computed = sum(len(prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token)
+    computed = sum(len(rb.prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token)
     unique = P * Lp + P * K * C
     n_body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     forwards = (args.p_old == "trainer") + 3 * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)

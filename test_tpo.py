@@ -1737,6 +1737,21 @@ def test_compare_draws_several_runs_and_tabulates_them(tmp_path, capsys):
     assert "cmp is not a run folder" in err and len(err.splitlines()) == 1
 
 
+def test_compare_gives_each_loss_the_mean_and_standard_error_over_seeds(tmp_path, capsys):
+    times = {"t_generate": 1.0, "t_score": 0.0, "t_logprobs": 0.5, "t_update": 2.0, "t_push": 0.5}
+    runs = []
+    for seed, last in ((0, 0.5), (1, 0.3)):
+        d = tmp_path / f"tpo_s{seed}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"loss": "tpo", "seed": seed, "task": "chain_sum"}))
+        log = [{"step": i + 1, "reward_mean": last, "completion_len_mean": 30, **times} for i in range(12)] + [{"step": 12, "eval_accuracy": last}]
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        runs.append(str(d))
+    llm_rlvr.main(["--compare", *runs, "--out-dir", str(tmp_path / "cmp")])
+    # two seeds at 0.5 and 0.3: mean 0.4, standard error std(ddof=1) / sqrt(2) = 0.1
+    assert "tpo, 2 runs: train reward over the last 10 steps 0.400 +- 0.100; last held-out accuracy 0.400 +- 0.100" in capsys.readouterr().out
+
+
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):
     def crashing_task(args):
         task = digits_task(args)
