@@ -425,7 +425,8 @@ def logprob_pass(model, rb, args, reference=False):
     rows = as_rows(model)
     base = inner(rows).disable_adapter() if reference and args.lora_rank else contextlib.nullcontext()
     with torch.no_grad(), autocast(args), base:
-        return torch.cat([lp for lp, a in [(rows(prompt, replies), a) for prompt, replies, a, b in row_inputs(rb)] if a is not None])
+        lps = [(rows(prompt, replies), a) for prompt, replies, a, b in row_inputs(rb)]
+    return torch.cat([lp for lp, a in lps if a is not None])  # without the padding rows
 
 
 def sequence_logp(lp, rb, args):
