@@ -540,9 +540,10 @@ def update(model, opt, rb, args):
                 loss, kl_total = loss + kl, kl_total + kl.item()
             (loss * world).backward()  # DDP and FSDP average over the ranks; the shares are to be summed
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under --fsdp
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats.append(((total if value is None else value) + kl_total, float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())))
+        stats.append(((total if value is None else value) + kl_total, grad_norm.item()))
     return stats, first
 
 
