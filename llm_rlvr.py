@@ -1240,8 +1240,8 @@ def plot(log, args, path):
 
 
 def read_run(d):
-    """One finished run folder as --compare summarizes it: the curves, and the first and last 10 steps' mean
-    reward and reply length."""
+    """One finished run folder as --compare summarizes it: the curves, the first and last 10 steps' mean
+    reward and reply length, and the mean reward of all steps (how soon and how far it rose, in one number)."""
     log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
     if not (os.path.exists(log_path) and os.path.exists(config_path)):
         fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
@@ -1253,7 +1253,7 @@ def read_run(d):
         fail(f"{d} has no finished step")
     rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
     return {"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
-            "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]),
+            "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
             "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
             "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
@@ -1313,8 +1313,8 @@ def print_compare_table(runs):
         of = [r for r in runs if r["loss"] == loss]
         se = lambda xs: f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) / len(xs) ** 0.5:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
         last = [r["eval_accuracy"][-1] for r in of if r["eval_steps"]]
-        print(f"{loss}, {len(of)} run{'s' if len(of) > 1 else ''}: train reward over the last 10 steps {se([r['reward_last10'] for r in of])}"
-              + (f"; last held-out accuracy {se(last)}" if last else ""))
+        print(f"{loss}, {len(of)} run{'s' if len(of) > 1 else ''}: train reward over all steps {se([r['reward_all'] for r in of])}, "
+              f"over the last 10 steps {se([r['reward_last10'] for r in of])}" + (f"; last held-out accuracy {se(last)}" if last else ""))
 
 
 def probe(args):

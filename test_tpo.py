@@ -1744,12 +1744,15 @@ def test_compare_gives_each_loss_the_mean_and_standard_error_over_seeds(tmp_path
         d = tmp_path / f"tpo_s{seed}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"loss": "tpo", "seed": seed, "task": "chain_sum"}))
-        log = [{"step": i + 1, "reward_mean": last, "completion_len_mean": 30, **times} for i in range(12)] + [{"step": 12, "eval_accuracy": last}]
+        log = [{"step": i + 1, "reward_mean": 0.0 if i < 2 else last, "completion_len_mean": 30, **times} for i in range(12)]
+        log += [{"step": 12, "eval_accuracy": last}]
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         runs.append(str(d))
     llm_rlvr.main(["--compare", *runs, "--out-dir", str(tmp_path / "cmp")])
-    # two seeds at 0.5 and 0.3: mean 0.4, standard error std(ddof=1) / sqrt(2) = 0.1
-    assert "tpo, 2 runs: train reward over the last 10 steps 0.400 +- 0.100; last held-out accuracy 0.400 +- 0.100" in capsys.readouterr().out
+    # two seeds at 0.5 and 0.3 after two steps at 0: mean 0.4, standard error std(ddof=1) / sqrt(2) = 0.1;
+    # over all 12 steps 10/12 of that: 0.333 +- 0.083
+    assert ("tpo, 2 runs: train reward over all steps 0.333 +- 0.083, over the last 10 steps 0.400 +- 0.100; "
+            "last held-out accuracy 0.400 +- 0.100") in capsys.readouterr().out
 
 
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):
