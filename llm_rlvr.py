@@ -1263,28 +1263,34 @@ def read_run(d):
 
 def compare(args):
     """--compare: several finished runs (e.g. --loss tpo and grpo at a few seeds) in one figure and one table.
-    The train reward is a mean over only P x K samples a step, so the figure also draws its 5-step moving
-    average; the table gives the mean reward and reply length of the first and of the last 10 steps and
-    the held-out accuracy at the first and the last evaluation, lenient and, where logged, strict."""
+    The train reward is a mean over only P x K samples a step, so the figure draws its 5-step moving average
+    per run and, in a third panel, that average's mean over each loss's seeds with one standard error either
+    side; the table gives the mean reward and reply length of the first and of the last 10 steps and the
+    held-out accuracy at the first and the last evaluation, lenient and, where logged, strict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [read_run(d) for d in args.compare]
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_r, ax_m, ax_e) = plt.subplots(1, 3, figsize=(15, 3.8))
     losses, seeds, w = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs}), 5
     for r in runs:  # colour = loss, line style = seed
         label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
-        smooth = [np.mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
+        r["train_reward_smooth"] = [np.mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
         ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
-        ax_r.plot(r["train_steps"], smooth, color=color, linestyle=style, label=label)
+        ax_r.plot(r["train_steps"], r["train_reward_smooth"], color=color, linestyle=style, label=label)
         if r["eval_steps"]:
             ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
             strict = [(s, a) for s, a in zip(r["eval_steps"], r["eval_accuracy_strict"]) if a is not None]
             if strict:
                 ax_e.plot(*zip(*strict), "s", color=color, linestyle=style, alpha=0.5, fillstyle="none", label=f"{label}, strict")
+    for loss in losses:
+        steps, mean, se, n = mean_over_seeds([r for r in runs if r["loss"] == loss])
+        ax_m.plot(steps, mean, color=f"C{losses.index(loss)}", label=f"{loss}, {n} seed{'s' if n > 1 else ''}")
+        ax_m.fill_between(steps, mean - se, mean + se, color=f"C{losses.index(loss)}", alpha=0.2)
     ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: {w}-step average)")
+    ax_m.set(xlabel="step", ylabel="train reward", title=f"{w}-step average: mean over seeds ± standard error")
     ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
-    for ax in (ax_r, ax_e):
+    for ax in (ax_r, ax_m, ax_e):
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
@@ -1297,6 +1303,15 @@ def compare(args):
     print_compare_table(runs)
     print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
     return runs
+
+
+def mean_over_seeds(runs):
+    """The mean over runs (one loss, several seeds) of their smoothed train reward and its standard error
+    std(ddof=1) / sqrt(n), 0 for one run, over the steps that all of them reached."""
+    n_steps = min(len(r["train_reward_smooth"]) for r in runs)
+    curves = np.array([r["train_reward_smooth"][:n_steps] for r in runs])
+    se = curves.std(0, ddof=1) / len(runs) ** 0.5 if len(runs) > 1 else np.zeros(n_steps)
+    return runs[0]["train_steps"][:n_steps], curves.mean(0), se, len(runs)
 
 
 def print_compare_table(runs):

@@ -1753,6 +1753,11 @@ def test_compare_gives_each_loss_the_mean_and_standard_error_over_seeds(tmp_path
     # over all 12 steps 10/12 of that: 0.333 +- 0.083
     assert ("tpo, 2 runs: train reward over all steps 0.333 +- 0.083, over the last 10 steps 0.400 +- 0.100; "
             "last held-out accuracy 0.400 +- 0.100") in capsys.readouterr().out
+    # the figure's mean curve: at step 3 the 5-step averages are 0.5/3 and 0.3/3, from step 7 on 0.5 and 0.3
+    steps, mean, se, n = llm_rlvr.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text()))
+    assert n == 2 and steps == list(range(1, 13))
+    assert mean[2] == pytest.approx(0.4 / 3) and mean[-1] == pytest.approx(0.4) and se[-1] == pytest.approx(0.1)
+    assert list(llm_rlvr.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text())[:1])[2]) == [0.0] * 12
 
 
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):
