@@ -1254,6 +1254,7 @@ def read_run(d):
     rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
     return {"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
             "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
+            "steps_with_success": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
             "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
             "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
@@ -1316,14 +1317,15 @@ def mean_over_seeds(runs):
 
 def print_compare_table(runs):
     """--compare's Markdown table: one row per run."""
-    print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 | reply tokens, steps 1-10 -> last 10 "
-          "| held-out accuracy (strict), first -> last | s per step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 (all steps) | steps with a reward | "
+          "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         held = " -> ".join(f"{held_out(r['eval_accuracy'][j], r['eval_accuracy_strict'][j])} (step {r['eval_steps'][j]})"
                            for j in (0, -1)) if r["eval_steps"] else "not evaluated"
         print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
-              f"| {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} | {r['seconds_per_step']:.0f} |")
+              f"({r['reward_all']:.3f}) | {r['steps_with_success']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
+              f"| {r['seconds_per_step']:.0f} |")
     for loss in sorted({r["loss"] for r in runs}, reverse=True):  # over seeds: mean and standard error
         of = [r for r in runs if r["loss"] == loss]
         se = lambda xs: f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) / len(xs) ** 0.5:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"

@@ -1726,7 +1726,7 @@ def test_compare_draws_several_runs_and_tabulates_them(tmp_path, capsys):
     assert [(r["loss"], r["steps"]) for r in result] == [("tpo", 22), ("grpo", 22)]
     assert result[0]["reward_first10"] == 0.0 and result[0]["reward_last10"] == 0.5 and result[1]["reward_last10"] == pytest.approx(0.1)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path}")]
-    assert "| 0.000 -> 0.500 | 36 -> 24 | 0.250 (step 0) -> 0.500 (step 22) | 4 |" in rows[0] and len(rows) == 2
+    assert "| 0.000 -> 0.500 (0.273) | 12 | 36 -> 24 | 0.250 (step 0) -> 0.500 (step 22) | 4 |" in rows[0] and len(rows) == 2
     assert "| 0.250 (strict 0.125) (step 0) -> 0.250 (strict 0.200) (step 22) | 4 |" in rows[1], rows[1]
     assert [r["eval_accuracy_strict"] for r in result] == [[None, None], [0.125, 0.2]]
     assert (out / "compare.png").stat().st_size > 0 and json.loads((out / "compare.json").read_text())[1]["loss"] == "grpo"
