@@ -1258,27 +1258,30 @@ def read_run(d):
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
             "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
             "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
-            "train_steps": [r["step"] for r in train], "train_reward": rewards,
+            "train_steps": [r["step"] for r in train], "train_reward": rewards, "train_length": lengths,
             "seconds_per_step": np.mean([step_seconds(r) for r in train])}
 
 
 def compare(args):
     """--compare: several finished runs (e.g. --loss tpo and grpo at a few seeds) in one figure and one table.
     The train reward is a mean over only P x K samples a step, so the figure draws its 5-step moving average
-    per run and, in a third panel, that average's mean over each loss's seeds with one standard error either
-    side; the table gives the mean reward and reply length of the first and of the last 10 steps and the
+    per run and, in a second panel, that average's mean over each loss's seeds with one standard error either
+    side; the last two panels are the held-out accuracy and the reply length (a reply cut off at
+    --max-new-tokens has no answer, so a drift in length moves the reward); the table gives the mean reward and reply length of the first and of the last 10 steps and the
     held-out accuracy at the first and the last evaluation, lenient and, where logged, strict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [read_run(d) for d in args.compare]
-    fig, (ax_r, ax_m, ax_e) = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, ((ax_r, ax_m), (ax_e, ax_l)) = plt.subplots(2, 2, figsize=(12, 7.2))
     losses, seeds, w = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs}), 5
     for r in runs:  # colour = loss, line style = seed
         label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
         r["train_reward_smooth"] = [np.mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
         ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
         ax_r.plot(r["train_steps"], r["train_reward_smooth"], color=color, linestyle=style, label=label)
+        lengths = [np.mean(r["train_length"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_length"]))]
+        ax_l.plot(r["train_steps"], lengths, color=color, linestyle=style, label=label)
         if r["eval_steps"]:
             ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
             strict = [(s, a) for s, a in zip(r["eval_steps"], r["eval_accuracy_strict"]) if a is not None]
@@ -1291,7 +1294,8 @@ def compare(args):
     ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: {w}-step average)")
     ax_m.set(xlabel="step", ylabel="train reward", title=f"{w}-step average: mean over seeds ± standard error")
     ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
-    for ax in (ax_r, ax_m, ax_e):
+    ax_l.set(xlabel="step", ylabel="tokens", title=f"mean reply length ({w}-step average)")
+    for ax in (ax_r, ax_m, ax_e, ax_l):
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()

@@ -1729,6 +1729,7 @@ def test_compare_draws_several_runs_and_tabulates_them(tmp_path, capsys):
     assert "| 0.000 -> 0.500 (0.273) | 12 | 36 -> 24 | 0.250 (step 0) -> 0.500 (step 22) | 4 |" in rows[0] and len(rows) == 2
     assert "| 0.250 (strict 0.125) (step 0) -> 0.250 (strict 0.200) (step 22) | 4 |" in rows[1], rows[1]
     assert [r["eval_accuracy_strict"] for r in result] == [[None, None], [0.125, 0.2]]
+    assert result[0]["train_length"][:2] == [40, 39]  # the reply-length panel's data
     assert (out / "compare.png").stat().st_size > 0 and json.loads((out / "compare.json").read_text())[1]["loss"] == "grpo"
     with pytest.raises(SystemExit) as e:
         llm_rlvr.main(["--compare", runs[0], str(tmp_path / "cmp")])  # a folder without a log
