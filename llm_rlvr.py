@@ -1254,7 +1254,7 @@ def read_run(d):
     rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
     return {"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
             "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
-            "steps_with_success": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
+            "steps_with_reward": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
             "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
             "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
@@ -1267,21 +1267,20 @@ def compare(args):
     The train reward is a mean over only P x K samples a step, so the figure draws its 5-step moving average
     per run and, in a second panel, that average's mean over each loss's seeds with one standard error either
     side; the last two panels are the held-out accuracy and the reply length (a reply cut off at
-    --max-new-tokens has no answer, so a drift in length moves the reward); the table gives the mean reward and reply length of the first and of the last 10 steps and the
-    held-out accuracy at the first and the last evaluation, lenient and, where logged, strict."""
+    --max-new-tokens has no answer, so a drift in length moves the reward). The table gives the mean reward
+    and reply length of the first and of the last 10 steps and the held-out accuracy at the first and the
+    last evaluation, lenient and, where logged, strict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [read_run(d) for d in args.compare]
     fig, ((ax_r, ax_m), (ax_e, ax_l)) = plt.subplots(2, 2, figsize=(12, 7.2))
-    losses, seeds, w = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs}), 5
+    losses, seeds = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs})
     for r in runs:  # colour = loss, line style = seed
         label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
-        r["train_reward_smooth"] = [np.mean(r["train_reward"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_reward"]))]
         ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
-        ax_r.plot(r["train_steps"], r["train_reward_smooth"], color=color, linestyle=style, label=label)
-        lengths = [np.mean(r["train_length"][max(0, j - w + 1):j + 1]) for j in range(len(r["train_length"]))]
-        ax_l.plot(r["train_steps"], lengths, color=color, linestyle=style, label=label)
+        ax_r.plot(r["train_steps"], moving_average(r["train_reward"]), color=color, linestyle=style, label=label)
+        ax_l.plot(r["train_steps"], moving_average(r["train_length"]), color=color, linestyle=style, label=label)
         if r["eval_steps"]:
             ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
             strict = [(s, a) for s, a in zip(r["eval_steps"], r["eval_accuracy_strict"]) if a is not None]
@@ -1291,10 +1290,10 @@ def compare(args):
         steps, mean, se, n = mean_over_seeds([r for r in runs if r["loss"] == loss])
         ax_m.plot(steps, mean, color=f"C{losses.index(loss)}", label=f"{loss}, {n} seed{'s' if n > 1 else ''}")
         ax_m.fill_between(steps, mean - se, mean + se, color=f"C{losses.index(loss)}", alpha=0.2)
-    ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: {w}-step average)")
-    ax_m.set(xlabel="step", ylabel="train reward", title=f"{w}-step average: mean over seeds ± standard error")
+    ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: 5-step average)")
+    ax_m.set(xlabel="step", ylabel="train reward", title="5-step average: mean over seeds ± standard error")
     ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
-    ax_l.set(xlabel="step", ylabel="tokens", title=f"mean reply length ({w}-step average)")
+    ax_l.set(xlabel="step", ylabel="tokens", title="mean reply length (5-step average)")
     for ax in (ax_r, ax_m, ax_e, ax_l):
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -1310,11 +1309,16 @@ def compare(args):
     return runs
 
 
+def moving_average(xs, w=5):
+    """y_j = mean(x_{j-w+1}, ..., x_j), over fewer points for the first w - 1."""
+    return [np.mean(xs[max(0, j - w + 1):j + 1]) for j in range(len(xs))]
+
+
 def mean_over_seeds(runs):
-    """The mean over runs (one loss, several seeds) of their smoothed train reward and its standard error
-    std(ddof=1) / sqrt(n), 0 for one run, over the steps that all of them reached."""
-    n_steps = min(len(r["train_reward_smooth"]) for r in runs)
-    curves = np.array([r["train_reward_smooth"][:n_steps] for r in runs])
+    """The mean over runs (one loss, several seeds) of their train reward's moving average and its standard
+    error std(ddof=1) / sqrt(n), 0 for one run, over the steps that all of them reached."""
+    n_steps = min(len(r["train_reward"]) for r in runs)
+    curves = np.array([moving_average(r["train_reward"])[:n_steps] for r in runs])
     se = curves.std(0, ddof=1) / len(runs) ** 0.5 if len(runs) > 1 else np.zeros(n_steps)
     return runs[0]["train_steps"][:n_steps], curves.mean(0), se, len(runs)
 
@@ -1328,7 +1332,7 @@ def print_compare_table(runs):
         held = " -> ".join(f"{held_out(r['eval_accuracy'][j], r['eval_accuracy_strict'][j])} (step {r['eval_steps'][j]})"
                            for j in (0, -1)) if r["eval_steps"] else "not evaluated"
         print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
-              f"({r['reward_all']:.3f}) | {r['steps_with_success']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
+              f"({r['reward_all']:.3f}) | {r['steps_with_reward']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
               f"| {r['seconds_per_step']:.0f} |")
     for loss in sorted({r["loss"] for r in runs}, reverse=True):  # over seeds: mean and standard error
         of = [r for r in runs if r["loss"] == loss]
