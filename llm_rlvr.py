@@ -1268,8 +1268,9 @@ def compare(args):
     per run and, in a second panel, that average's mean over each loss's seeds with one standard error either
     side; the last two panels are the held-out accuracy and the reply length (a reply cut off at
     --max-new-tokens has no answer, so a drift in length moves the reward). The table gives the mean reward
-    and reply length of the first and of the last 10 steps and the held-out accuracy at the first and the
-    last evaluation, lenient and, where logged, strict."""
+    of the first and of the last 10 steps and of all steps, how many steps had any reward, the mean reply
+    length of the first and last 10 steps and the held-out accuracy at the first and the last evaluation,
+    lenient and, where logged, strict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
