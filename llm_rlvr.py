@@ -87,7 +87,8 @@ parser.add_argument("--answer-format", default=None, choices=["hash", "tags"],
 parser.add_argument("--train-size", type=int, default=10000, help="reasoning-gym: procedurally generated training prompts (paper: not stated)")
 parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                    help="the engine's and the trainer's matmuls (autocast); weights stay float32 (default: bfloat16 on a GPU, float32 on the CPU)")
+                    help="the engine's and the trainer's matmuls (autocast); trainable weights stay float32, frozen ones (LoRA's base, "
+                         "the reference's matmuls) are stored in it (default: bfloat16 on a GPU, float32 on the CPU)")
 parser.add_argument("--p-old", default=None, choices=["engine", "trainer"],
                     help="p_old from the engine's log-probs or a no-grad pass of the trainer (default: engine in float32, trainer in bfloat16)")
 parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard the policy, its gradients and AdamW over the ranks (FSDP2)")
@@ -642,9 +643,13 @@ def set_up(args):
     adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
     if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
         set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
-    return SimpleNamespace(task=task, train=train, test=test, model=model, policy=policy, ref=ref, tokenizer=tokenizer,
-                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
-                           mid_update=False)
+    run = SimpleNamespace(task=task, train=train, test=test, model=model, policy=policy, ref=ref, tokenizer=tokenizer,
+                          opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
+                          mid_update=False)
+    # The weights leave the last finished step at the step's first optimizer step, not before it: an error in the
+    # rollout or in the update's forward and backward (a CUDA OOM) still finds that step's weights to save.
+    opt.register_step_pre_hook(lambda *_: setattr(run, "mid_update", True))
+    return run
 
 
 def request_stop(stop):
@@ -657,7 +662,6 @@ def train_step(run, step, args):
     """One RL step: rollout, update, push; returns its log record."""
     t = {}
     rb = rollout(run, step, args, t)
-    run.mid_update = True  # until the step is logged, the weights are between steps and are not saved
     with timed(t, "update"):
         stats, first_lp = update(run.policy, run.opt, rb, args)
         if args.device == "cuda":
@@ -878,8 +882,8 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     with transformers as "tpo_rows". attention_mask [rows, 1, 1, L] holds each position's block: 0 the prompt,
     j reply j, -1 padding. The prompt attends causally to itself; the replies, padded to the longest, attend
     to the prompt's keys and values, computed once, and causally to their own. No score between two replies
-    is computed: a group costs Lp^2 / 2 + sum_j c_j (Lp + c_j) scores, not (Lp + sum_j c_j)^2 / 2 as under
-    one causal mask over the row. Any other call (no mask, or a usual one) is plain SDPA."""
+    is computed: with its m replies padded to the longest, C, a group costs Lp^2 / 2 + m C (Lp + C) scores, not
+    (Lp + sum_j c_j)^2 / 2 as under one causal mask over the row. Any other call (no mask, or a usual one) is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if attention_mask is None or attention_mask.dtype != torch.long:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -947,15 +951,16 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
 
 
 def step_failed(run, done, saved, error, args):
-    """A step raised. One process: save the last finished step unless the weights were mid-update (an OOM or a
-    scorer crash in step 900 then costs one step, not the run), say so, and let the traceback follow. Under
-    torchrun: end this rank at once in one sentence (rank_failed)."""
+    """A step raised. One process: save the last finished step unless the optimizer has already moved the weights
+    past it (then the last saved checkpoint stands), say so, and let the traceback follow: a scorer crash or an OOM
+    in the update's backward in step 900 costs one step, not the run. Under torchrun: end this rank at once in one
+    sentence (rank_failed)."""
     if ranks()[1] > 1:
         rank_failed(run, done, saved, error)
     if done > saved and not run.mid_update:
         saved = save_checkpoint(run, done, args)
     kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
-    print(f"error in step {done + 1}: {kept}" + (f" (the weights were mid-update, so step {done} could not be saved)"
+    print(f"error in step {done + 1}: {kept}" + (f" (the optimizer had moved the weights past step {done}, so it could not be saved)"
                                                 if done > saved else ""), file=sys.stderr)
 
 
@@ -1267,10 +1272,12 @@ def compare(args):
     The train reward is a mean over only P x K samples a step, so the figure draws its 5-step moving average
     per run and, in a second panel, that average's mean over each loss's seeds with one standard error either
     side; the last two panels are the held-out accuracy and the reply length (a reply cut off at
-    --max-new-tokens has no answer, so a drift in length moves the reward). The table gives the mean reward
-    of the first and of the last 10 steps and of all steps, how many steps had any reward, the mean reply
-    length of the first and last 10 steps and the held-out accuracy at the first and the last evaluation,
-    lenient and, where logged, strict."""
+    --max-new-tokens has no answer, so a drift in length moves the reward). The table gives, per run, the
+    steps logged, the mean reward of the first and of the last 10 steps and of all steps, how many steps had
+    any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
+    the last evaluation (lenient and, where logged, strict) and the mean seconds a step; then, per loss over
+    its seeds, the mean and standard error of the all-steps and last-10 reward and of the last held-out
+    accuracy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1325,7 +1332,7 @@ def mean_over_seeds(runs):
 
 
 def print_compare_table(runs):
-    """--compare's Markdown table: one row per run."""
+    """--compare's Markdown table, one row per run, then one line per loss: mean +- standard error over its seeds."""
     print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 (all steps) | steps with a reward | "
           "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -1628,12 +1635,14 @@ def benchmark(args):
     --p-old trainer, and the update) on random weights of --model's shape (Qwen3-1.7B's for the default, so
     nothing is downloaded; a local folder's config otherwise), for P groups of one random --max-prompt-tokens
     prompt and K random replies of --max-new-tokens, with --lora-rank and --gradient-checkpointing as given.
+    The KL term is off (--kl-coef 0): the frozen reference model's pass, one no-grad forward, is not timed.
 
     Tokens per second count unique tokens (each prompt once, every reply token). Model FLOPs: a forward costs
     2 N_body per position computed (N_body: the parameters outside the embedding and the output head) plus
-    2 d V per reply token for the head, the only positions it runs on; a backward costs two forwards, the
-    recomputation of gradient checkpointing is not counted (as usual for MFU), nor are attention scores.
-    MFU is against the GPU's dense bf16 peak."""
+    2 d V per reply token for the head, the only positions it runs on; a backward costs two forwards under full
+    fine-tuning (the gradients of the activations and of the weights) and one under LoRA (the frozen weights
+    get none; the adapters' own matmuls are not counted). The recomputation of gradient checkpointing is not
+    counted (as usual for MFU), nor are attention scores. MFU is against the GPU's dense bf16 peak."""
     device = torch.device(args.device)
     model, config, rb = bench_model_and_batch(args, device)
     P, K, Lp, C = args.prompts_per_step, args.group_size, args.max_prompt_tokens, args.max_new_tokens
@@ -1641,7 +1650,8 @@ def benchmark(args):
     computed = sum(len(rb.prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token)
     unique = P * Lp + P * K * C
     n_body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    forwards = (args.p_old == "trainer") + 3 * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)
+    backward = 1 if args.lora_rank else 2  # in forwards: activation gradients, and weight gradients unless frozen
+    forwards = (args.p_old == "trainer") + (1 + backward) * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)
     flops = forwards * (2 * n_body * computed + 2 * config.hidden_size * config.vocab_size * P * K * C)
     times = []
     for it in range(BENCH_ITERS + 1):

@@ -1785,6 +1785,41 @@ def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+@pytest.mark.parametrize("where", ["update", "push"])
+def test_an_error_after_the_rollout_saves_the_last_finished_step_until_the_optimizer_steps(tiny_model, tmp_path, capsys,
+                                                                                           monkeypatch, where):
+    # An OOM in the update's forward or backward comes before the optimizer step: step 1's weights and AdamW state
+    # are still whole and are saved. One in the push comes after it: the weights are step 2's without its log line,
+    # so nothing is saved and the last periodic checkpoint (none here) stands.
+    def out_of_memory():
+        raise RuntimeError("out of memory (simulated)")
+
+    if where == "update":
+        objective, calls = llm_rlvr.OBJECTIVES["tpo"], []
+
+        def failing_objective(*a):
+            calls.append(1)
+            return out_of_memory() if len(calls) == 2 else objective(*a)
+        monkeypatch.setitem(llm_rlvr.OBJECTIVES, "tpo", failing_objective)
+    else:
+        push = llm_rlvr.push_weights
+        monkeypatch.setattr(llm_rlvr, "push_weights", lambda llm, model, args, version, previous=None:
+                            out_of_memory() if version == 2 else push(llm, model, args, version, previous))
+    with pytest.raises(RuntimeError, match="simulated") as e:
+        run_llm(tiny_model, tmp_path, "--steps", "3", "--max-new-tokens", "8")
+    del e  # its traceback holds the engine
+    gc.collect()
+    err = capsys.readouterr().err
+    assert [r["step"] for r in llm_rlvr.read_log(tmp_path / "run" / "log.jsonl")] == [1]
+    if where == "update":
+        assert "error in step 2: the checkpoint" in err and "holds step 1" in err
+        ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+        assert ckpt["step"] == 1 and {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {1.0}
+    else:
+        assert "no checkpoint was written (the optimizer had moved the weights past step 1" in err
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tiny_model, tmp_path):
     def interrupting_task(args):
         task = digits_task(args)

@@ -137,8 +137,8 @@ def standardize(scores, dim=-1, mask=None):
 def informative_groups(scores, mask=None):
     """True for each group whose scores are not all alike (u is not all zero).
 
-    Shape: scores.shape[:-1]. Used for GRPO (masked), which drops such groups,
-    and for logging the fraction of groups that carry no signal.
+    Shape: scores.shape[:-1]. Used for GRPO (masked), which keeps only these
+    groups, and for logging the fraction of groups that carry no signal.
     """
     return ~_centre(scores, mask, -1, "scores")[2][..., 0]
 
