@@ -1293,14 +1293,14 @@ def compare(args):
             ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
             strict = [(s, a) for s, a in zip(r["eval_steps"], r["eval_accuracy_strict"]) if a is not None]
             if strict:
-                ax_e.plot(*zip(*strict), "s", color=color, linestyle=style, alpha=0.5, fillstyle="none", label=f"{label}, strict")
+                ax_e.plot(*zip(*strict), "s", color=color, linestyle=style, alpha=0.5, fillstyle="none")  # one legend entry a run
     for loss in losses:
         steps, mean, se, n = mean_over_seeds([r for r in runs if r["loss"] == loss])
         ax_m.plot(steps, mean, color=f"C{losses.index(loss)}", label=f"{loss}, {n} seed{'s' if n > 1 else ''}")
         ax_m.fill_between(steps, mean - se, mean + se, color=f"C{losses.index(loss)}", alpha=0.2)
     ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: 5-step average)")
     ax_m.set(xlabel="step", ylabel="train reward", title="5-step average: mean over seeds ± standard error")
-    ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy")
+    ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy (hollow squares: strict)")
     ax_l.set(xlabel="step", ylabel="tokens", title="mean reply length (5-step average)")
     for ax in (ax_r, ax_m, ax_e, ax_l):
         ax.legend(fontsize=8)
