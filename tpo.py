@@ -184,11 +184,12 @@ def tpo_loss(logp, logp_old, scores, eta=1.0, anchor=True, mask=None):
     Groups with no real candidate (all masked) are left out of the mean.
     """
     m = _as_mask(mask, logp)
-    logp_old = _like(logp_old, logp, "logp_old")
-    u = standardize(_like(scores, logp, "scores"), mask=m)
+    logits = logp.to(_compute_dtype(logp))
+    # q in p's dtype: with logp_old or scores of a wider dtype, q = p_old and p would round differently
+    logp_old = _like(logp_old, logp, "logp_old").to(logits.dtype)
+    u = standardize(_like(scores, logp, "scores"), mask=m).to(logits.dtype)
     prior = logp_old if anchor else torch.zeros_like(logp_old)
     q = tpo_target(prior.detach(), u, eta, mask=m)  # the target, not a path for gradients
-    logits = logp.to(_compute_dtype(logp))
     masked = logits.masked_fill(~m, float("-inf"))
     ce = -torch.where(m, q * torch.log_softmax(masked, -1), torch.zeros_like(q)).sum(-1)
     # The gradient is set to p - q as computed, not left to log_softmax's backward, whose p = exp(log p)
@@ -251,6 +252,17 @@ def _log_ratio_bound(dtype):
     return math.log(torch.finfo(dtype).max) - 20.0
 
 
+# GRPO's log-ratios are clamped to [-GRPO_LOG_RATIO_CLIP, GRPO_LOG_RATIO_CLIP], value and gradient, as the
+# paper's authors do (their grpo_loss clips logp - logp_old with jnp.clip before both the ratio and the KL).
+GRPO_LOG_RATIO_CLIP = 20.0
+
+
+def _clipped_surrogate(log_ratio, A, clip_eps, mask):
+    """mean of -min(rho · A, clip(rho, 1 - eps, 1 + eps) · A) with rho = exp(log_ratio)."""
+    rho = log_ratio.exp()
+    return masked_mean(-torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A), mask)
+
+
 def ppo_loss(logp, logp_old, advantages, clip_eps=0.2, mask=None):
     """PPO's clipped surrogate (no critic here; the caller picks A):
 
@@ -267,21 +279,20 @@ def ppo_loss(logp, logp_old, advantages, clip_eps=0.2, mask=None):
     while its gradient passes through unchanged: beyond the cap the sample is
     still pushed back, with the cap's weight e^68.7 · |A|, and e^20 of headroom
     keeps a batch mean of up to ~1e6 such terms with |A| up to ~100 finite.
-    The paper's epsilon is 0.2.
+    The paper's epsilon is 0.2. (GRPO clamps instead, as its authors do: see
+    `grpo_loss`.)
     """
     logp = logp.to(_compute_dtype(logp))
     A = advantages.detach().to(logp.device, logp.dtype)
     log_ratio = logp - logp_old.detach().to(logp.device, logp.dtype)
     over = (log_ratio - _log_ratio_bound(logp.dtype)).clamp(min=0).detach()
-    rho = (log_ratio - over).exp()  # capped value, uncapped gradient path
-    surrogate = torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A)
-    return masked_mean(-surrogate, mask)
+    return _clipped_surrogate(log_ratio - over, A, clip_eps, mask)  # capped value, uncapped gradient path
 
 
-def kl_penalty(logp, logp_ref):
+def kl_penalty(logp, logp_ref, clip=GRPO_LOG_RATIO_CLIP):
     """Per-sample estimate of the reverse KL(pi || ref), always >= 0:
 
-        d = logp - logp_ref,   k = exp(-d) + d - 1,   dk/dlogp = 1 - exp(-d)
+        d = clamp(logp - logp_ref, -clip, clip),   k = exp(-d) + d - 1,   dk/dlogp = 1 - exp(-d)
 
     Its value is an unbiased estimate of KL(pi || ref) when a ~ pi. Used as
     a loss with the samples held fixed, as GRPO does, its expected gradient
@@ -291,17 +302,13 @@ def kl_penalty(logp, logp_ref):
     about d^2 / 2, which exp(-d) + d - 1 in bfloat16 rounds to 0 for
     |d| < 0.03 (KL < 4e-4).
 
-    d is not clamped: above, exp(-d) underflows to 0, the exact limit (k = d - 1,
-    gradient 1). Below, exp(-d) would overflow, so as in `ppo_loss` the value
-    of d is capped at -(log(largest float) - 20) (float32: -68.7) while its
-    gradient passes through: a sample whose probability has fallen e^30-fold
-    under the reference is still pulled back, with weight 1 - e^30, not
-    dropped, and beyond the cap with the cap's weight 1 - e^68.7.
+    d is clamped to [-20, 20], value and gradient, as in the paper's GRPO: a
+    sample beyond it gives k = e^20 + 19 or about 19 and no gradient. Without
+    the clamp the gradient of a token far below the reference is 1 - e^|d|
+    (e^30 at d = -30), and one such token could set a whole step's direction.
     """
     logp = logp.to(_compute_dtype(logp))
-    d = logp - logp_ref.detach().to(logp.device, logp.dtype)
-    under = (d + _log_ratio_bound(logp.dtype)).clamp(max=0).detach()
-    d = d - under  # capped value, uncapped gradient path
+    d = (logp - logp_ref.detach().to(logp.device, logp.dtype)).clamp(-clip, clip)
     return torch.expm1(-d) + d
 
 
@@ -311,7 +318,9 @@ def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None
 
         L = mean of [ -min(rho · A, clip(rho, 1 - eps, 1 + eps) · A) + beta · k(logp, logp_ref) ]
 
-    with A from `group_advantages`, k from `kl_penalty`, and the reference
+    with rho = exp(d), d = clamp(logp - logp_old, -20, 20) (value and gradient,
+    as the paper's authors clamp it; `ppo_loss` does not), A from
+    `group_advantages`, k from `kl_penalty`, and the reference
     policy the rollout policy unless `logp_ref` is given (the LLM trainer
     passes the initial model). Paper defaults: beta = 0.04, eps = 0.2;
     "GRPO (no KL)" is beta = 0.
@@ -333,7 +342,9 @@ def grpo_loss(logp, logp_old, advantages, beta=0.04, clip_eps=0.2, logp_ref=None
     """
     logp = logp.to(_compute_dtype(logp))
     ref = logp_old if logp_ref is None else logp_ref
-    loss = ppo_loss(logp, logp_old, advantages, clip_eps, mask)
+    A = advantages.detach().to(logp.device, logp.dtype)
+    log_ratio = (logp - logp_old.detach().to(logp.device, logp.dtype)).clamp(-GRPO_LOG_RATIO_CLIP, GRPO_LOG_RATIO_CLIP)
+    loss = _clipped_surrogate(log_ratio, A, clip_eps, mask)
     if beta:
         loss = loss + beta * masked_mean(kl_penalty(logp, ref), mask)
     return loss
