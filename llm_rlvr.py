@@ -75,8 +75,13 @@ parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to t
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank) on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0, the paper naming LoRA for GSM8K only)")
 parser.add_argument("--steps", type=int, default=200, help="RL steps, each one rollout batch (paper: 300 on graph colouring)")
 parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
-parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean"],
-                    help="candidate log-prob: sum or mean of its token log-probs; the mean keeps long replies' p_old from collapsing (paper: sum)")
+parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean", "budget"],
+                    help="candidate log-prob from its token log-probs: their sum (paper: Eq. 1), their mean (each reply's tokens "
+                         "weighted 1/length), or budget: their sum / --max-new-tokens (one constant, no length weight); "
+                         "the sum over long replies collapses p_old onto one candidate")
+parser.add_argument("--grpo-mean", default="token", choices=["token", "reply"],
+                    help="GRPO's average: over every reply token of the step, or each reply's token mean, then over replies "
+                         "(the original GRPO, whose 1/length weight favours long failing replies) (paper: not stated)")
 parser.add_argument("--epochs", type=int, default=1, help="optimizer updates per rollout batch, q frozen across them (paper: not stated)")
 parser.add_argument("--max-new-tokens", type=int, default=512, help="reply budget; replies are sampled at temperature 1 (paper: neither stated)")
 parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped, and counted, at load time (paper: not stated)")
@@ -383,7 +388,7 @@ def row_logprobs(model, prompt, replies, chunk=2048):
     h, targets, head = hidden[torch.tensor(source, device=device)], ids[Lp:], causal.get_output_embeddings()
 
     def piece(h_c, t_c):
-        logits = head(h_c).float()
+        logits = final_logits(head(h_c).float(), causal.config)
         return logits.gather(-1, t_c[:, None])[:, 0] - logits.logsumexp(-1)
 
     out = []
@@ -391,6 +396,16 @@ def row_logprobs(model, prompt, replies, chunk=2048):
         x = (h[s:s + chunk], targets[s:s + chunk])
         out.append(torch.utils.checkpoint.checkpoint(piece, *x, use_reentrant=False) if torch.is_grad_enabled() else piece(*x))
     return torch.cat(out)
+
+
+def final_logits(logits, config):
+    """What a model's own forward does to its output head's logits before sampling (the engine does it too):
+    Granite divides by logits_scaling, Gemma 2 and 3 soft-cap at final_logit_softcapping. Any other transform
+    is caught by check_packed_rows at start-up."""
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class Rows(torch.nn.Module):
@@ -430,10 +445,21 @@ def logprob_pass(model, rb, args, reference=False):
     return torch.cat([lp for lp, a in lps if a is not None])  # without the padding rows
 
 
+def seq_scale(rb, args):
+    """[P*K] what --seq-logp divides each reply's summed token log-probs by: 1 (sum, the paper's Eq. 1), the
+    reply's length L_i (mean), or the reply budget L_max = --max-new-tokens (budget). TPO's gradient reaches
+    every token of reply i with weight (p_i - q_i) / that divisor: the mean weighs a long reply's tokens less
+    than a short one's (Dr. GRPO's length bias), while sum and budget weigh all tokens alike, the budget's
+    constant tempering the group softmax so that p_old does not collapse onto one long reply."""
+    if args.seq_logp == "mean":
+        return rb.lengths.clamp(min=1)
+    return torch.full_like(rb.lengths, args.max_new_tokens if args.seq_logp == "budget" else 1)
+
+
 def sequence_logp(lp, rb, args):
-    """[P, K] candidate log-probs from [T] token log-probs: their sum (the paper's Eq. 1) or mean (--seq-logp)."""
+    """[P, K] candidate log-probs from [T] token log-probs: their sum, mean or sum / L_max (--seq-logp)."""
     total = torch.zeros(len(rb.replies), device=lp.device, dtype=lp.dtype).index_add_(0, rb.seq_of_token, lp)
-    return (total if args.seq_logp == "sum" else total / rb.lengths.clamp(min=1)).view(rb.rewards.shape)
+    return (total / seq_scale(rb, args)).view(rb.rewards.shape)
 
 
 def rollout_batch(prompts, completions, scores, args, device):
@@ -494,15 +520,19 @@ def tpo_objective(rb, epoch, args, current_seq_logp):
     leaf = now.clone().requires_grad_(True)
     loss = tpo.tpo_loss(leaf, rb.seq_old, rb.rewards, eta=args.eta) * len(rb.rewards) / rb.groups_total
     (c,) = torch.autograd.grad(loss, leaf)
-    w = c.flatten()[rb.seq_of_token]  # [T]: d loss / d token log-prob
-    if args.seq_logp == "mean":
-        w = w / rb.lengths[rb.seq_of_token]
+    w = (c.flatten() / seq_scale(rb, args))[rb.seq_of_token]  # [T]: d loss / d token log-prob
     return (lambda lp, a, b: (w[a:b] * lp).sum()), loss.item()
 
 
 def grpo_objective(rb, epoch, args, current_seq_logp):
-    """The clipped surrogate on z-scored group advantages, a token-level mean over the whole batch (every rank's)."""
-    A = tpo.group_advantages(rb.rewards).flatten()[rb.seq_of_token]  # [T]: each token carries its reply's advantage
+    """The clipped surrogate on z-scored group advantages: a token-level mean over the whole batch (every rank's),
+    or with --grpo-mean reply each reply's token mean, then the mean over replies. The reply mean reweights
+    token t of reply i by T / (L_i N), N replies and T tokens in all, folded into A: the clipped term
+    min(rho A, clip(rho) A) scales with any positive factor on A."""
+    A = tpo.group_advantages(rb.rewards).flatten()
+    if args.grpo_mean == "reply":
+        A = A * rb.tokens_total / (rb.lengths.clamp(min=1) * rb.groups_total * rb.rewards.shape[1])
+    A = A[rb.seq_of_token]  # [T]: each token carries its reply's advantage
     return (lambda lp, a, b: tpo.grpo_loss(lp, rb.lp_old[a:b], A[a:b], beta=0.0, clip_eps=CLIP_EPS) * (b - a) / rb.tokens_total), None
 
 
@@ -571,9 +601,12 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
     """The step's log line, over every rank's groups. logp_mismatch: mean |engine - trainer| log-prob of the
     sampled tokens on the rollout weights, the trainer's side being its p_old pass or, with --p-old engine, its
     first-epoch forward. tokens_computed: the positions the trainer's forwards covered (a split group computes
-    its prompt again); tokens_unique: each prompt once and every reply token. Phase times are rank 0's."""
+    its prompt again); tokens_unique: each prompt once and every reply token; tokens_per_s: tokens_computed
+    over the step's seconds. len_rewarded / len_unrewarded: mean length of the replies that scored above 0 /
+    exactly 0 (None where there are none). Phase times are rank 0's."""
     n_eff, q_move = group_diagnostics(rb.seq_old, rb.rewards, args.eta)
     lens, share = rb.lengths.float(), len(rb.rewards) / rb.groups_total  # share: this rank's part of the groups
+    rewarded = rb.rewards.flatten() > 0
     trainer_lp = rb.lp_old if args.p_old == "trainer" else first_lp
     parts = {  # each this rank's part of a sum over the ranks
         "reward_mean": rb.rewards.mean().item() * share, "reward_sq": rb.rewards.square().mean().item() * share,
@@ -584,11 +617,15 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
         "eff_group_size": n_eff * share, "q_pold_abs_mean": q_move * share,
         "tokens_computed": sum(len(rb.prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token),
         "tokens_unique": sum(map(len, rb.prompts)) + len(rb.seq_of_token),
-        "tokens_sampled": lens.sum().item() + args.group_size * sum(map(len, rb.prompts))}
+        "n_rewarded": rewarded.sum().item(), "len_rewarded": lens[rewarded].sum().item(),
+        "n_unrewarded": (~rewarded).sum().item(), "len_unrewarded": lens[~rewarded].sum().item()}
     r = dict(zip(parts, all_reduce(list(parts.values()))))
+    for k in ("rewarded", "unrewarded"):  # mean reply length of the replies that scored > 0, and of those that scored 0
+        n = r.pop(f"n_{k}")
+        r[f"len_{k}"] = r[f"len_{k}"] / n if n else None
     return {"step": step, "reward_mean": r["reward_mean"], "reward_std": max(r.pop("reward_sq") - r["reward_mean"] ** 2, 0.0) ** 0.5,
             **r, "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"], **{f"t_{k}": v for k, v in t.items()},
-            "tokens_per_s": r.pop("tokens_sampled") / sum(t.values())}
+            "tokens_per_s": r["tokens_computed"] / sum(t.values())}
 
 
 def append(path, record):
@@ -625,6 +662,7 @@ def set_up(args):
     task = TASKS.get(args.task, load_reasoning_gym)(args)
     path = model_folder(args.model)
     model, ref, tokenizer = load_policy(args, device, path)
+    check_packed_rows(model, args)
     train, dropped = encode_prompts(task, task.train, tokenizer, args)
     test, dropped_test = encode_prompts(task, task.test[:args.eval_size or None], tokenizer, args)
     if not train:
@@ -777,6 +815,9 @@ def check_args(args):
     args.model = shipped_gguf(args.model)
     if args.p_old is None:
         args.p_old = "engine" if args.dtype == "float32" else "trainer"
+    elif args.p_old == "engine" and args.dtype == "bfloat16" and int(os.environ.get("RANK", 0)) == 0:
+        print("warning: --p-old engine under bfloat16 builds the first epoch's target from log-probs ~0.04 a token away from "
+              "the trainer's (its own p there); --p-old trainer removes that", file=sys.stderr)
     args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{'probe' if args.probe else args.loss}")
 
 
@@ -871,22 +912,39 @@ def load_reasoning_gym(args):
 # ---------------------------------------------------------------------------
 
 def row_attention_name():
-    """The name under which transformers knows row_attention (registered on first use)."""
+    """The name under which transformers knows row_attention (registered on first use), with SDPA's mask
+    builder: a model called the usual way (a 2-D padding mask, a sliding window) gets SDPA's 4-D mask."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register("tpo_rows", row_attention)
+    AttentionMaskInterface.register("tpo_rows", sdpa_mask)
     return "tpo_rows"
 
 
-def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs):
     """Attention over the trainer's rows (query [rows, H, L, D], key and value [rows, H_kv, L, D]), registered
     with transformers as "tpo_rows". attention_mask [rows, 1, 1, L] holds each position's block: 0 the prompt,
     j reply j, -1 padding. The prompt attends causally to itself; the replies, padded to the longest, attend
     to the prompt's keys and values, computed once, and causally to their own. No score between two replies
     is computed: with its m replies padded to the longest, C, a group costs Lp^2 / 2 + m C (Lp + C) scores, not
-    (Lp + sum_j c_j)^2 / 2 as under one causal mask over the row. Any other call (no mask, or a usual one) is plain SDPA."""
+    (Lp + sum_j c_j)^2 / 2 as under one causal mask over the row. A layer with a sliding window or a score
+    soft-cap (Mistral, Gemma 2) takes the dense path, dense_row_attention. A call with SDPA's own mask (the
+    model called the usual way) is plain SDPA; what neither path computes is refused."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if attention_mask is None or attention_mask.dtype != torch.long:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux)")
+    if dropout:
+        raise NotImplementedError("attention dropout")
+    if attention_mask is not None and attention_mask.dtype == torch.long and attention_mask.dim() == 4:
+        if sliding_window or softcap:
+            return dense_row_attention(query, key, value, attention_mask, scaling, sliding_window, softcap), None
+    elif softcap:
+        raise NotImplementedError("an attention soft-cap outside the trainer's rows")
+    elif attention_mask is None or (attention_mask.dim() == 4 and attention_mask.dtype in (torch.bool, query.dtype)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
+    else:
+        raise NotImplementedError(f"an attention mask of shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype}")
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = key.shape[1] != query.shape[1]
     out = None  # [rows, L, H, D], in the dtype SDPA computes in (autocast's)
@@ -909,6 +967,59 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
         o = sdpa(pick(query), keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)  # [m, H, C, D]
         out[r, at[real]] = o.transpose(1, 2)[real]
     return out, None
+
+
+def dense_row_attention(query, key, value, blocks, scaling, sliding_window, softcap):
+    """row_attention's dense path, for layers with a sliding window or a soft-cap: each row's full [L, L]
+    scores, softcap * tanh(s / softcap), then each position's allowed keys (its prompt and, causally, its own
+    block; with a window W only keys fewer than W positions back, positions counted as in its own sequence)."""
+    rows, H, L, D = query.shape
+    scale = scaling if scaling is not None else D ** -0.5
+    k, v = (x.repeat_interleave(H // x.shape[1], 1) for x in (key, value))
+    out = []
+    for r in range(rows):
+        block = blocks[r, 0, 0]  # [L]
+        i = torch.arange(L, device=block.device)
+        start = torch.where(torch.cat([block[:1] == block[:1], block[1:] != block[:-1]]), i, 0).cummax(0).values  # of each block
+        pos = torch.where(block > 0, int((block == 0).sum()) + i - start, i)  # a reply's positions continue from its prompt's
+        allowed = ((block[None, :] == 0) | (block[None, :] == block[:, None])) & (i[None, :] <= i[:, None])
+        if sliding_window:
+            allowed &= pos[:, None] - pos[None, :] < sliding_window
+        scores = (query[r] @ k[r].transpose(-1, -2)).float() * scale  # [H, L, L]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        out.append((p @ v[r]).transpose(0, 1))  # [L, H, D]
+    return torch.stack(out)
+
+
+def check_packed_rows(model, args):
+    """At start-up, once: the packed rows give the model's own forward (eager attention, its own head) on a short
+    made-up group, to 1e-4 in float32 (1e-2 in a half dtype), else the run is refused in one sentence. It
+    catches what row_logprobs does not reproduce (attention sinks, another logit transform, ...), which would
+    train a different function from the one the engine samples."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vocab, device = causal.config.vocab_size, causal.device
+    prompt, replies = [(7 * t + 3) % vocab for t in range(12)], [[(11 * t + 5) % vocab for t in range(9)], [(13 * t + 1) % vocab for t in range(5)]]
+    try:
+        with torch.no_grad(), autocast(args):
+            packed = row_logprobs(model, prompt, replies)
+            causal.set_attn_implementation("eager")
+            try:
+                own = []
+                for reply in replies:
+                    logits = causal(input_ids=torch.tensor([prompt + reply], device=device)).logits[0, len(prompt) - 1:-1].float()
+                    own.append(logits.log_softmax(-1).gather(-1, torch.tensor(reply, device=device)[:, None])[:, 0])
+            finally:
+                causal.set_attn_implementation(row_attention_name())
+    except NotImplementedError as e:
+        fail(f"the trainer's packed rows do not handle {e} of {causal.config.model_type} models")
+    gap = (packed - torch.cat(own)).abs().max().item()
+    tolerance = 1e-4 if args.dtype == "float32" and next(causal.parameters()).dtype == torch.float32 else 1e-2
+    if not gap <= tolerance:
+        fail(f"the trainer's packed rows give {causal.config.model_type} log-probs {gap:.2g} away from the model's own forward "
+             f"(at most {tolerance:g} allowed): it does something to its attention or logits that row_logprobs does not")
+    return gap
 
 
 # ---------------------------------------------------------------------------
@@ -1037,7 +1148,10 @@ def pin_cpus(args):
     local, per_node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     # Under torchrun the node's ranks split its cores (measuring idle ones would count each other's start-up).
     n = args.threads or (tpo.idle_cores(len(cpus)) if per_node == 1 else max(1, len(cpus) // per_node))
-    cpus = [cpus[(local * n + i) % len(cpus)] for i in range(min(n, len(cpus)))]
+    if per_node == 1 and n < len(cpus):  # the idlest cores: two runs of --threads 1 take one core each
+        cpus = sorted(sorted(cpus, key=claims(cpus).get)[:n])
+    else:
+        cpus = [cpus[(local * n + i) % len(cpus)] for i in range(min(n, len(cpus)))]
     os.sched_setaffinity(0, cpus)
     print(f"CPU: engine and trainer on core{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))}; --dtype {args.dtype}, --p-old {args.p_old}"
           + ("; this CPU has AVX-512 BF16, where --dtype bfloat16 ran the CPU quick start's steps about 1.2x faster at a ~0.04 log-prob mismatch"
@@ -1047,6 +1161,32 @@ def pin_cpus(args):
     # that with a no-op, and more threads than cores, spinning at OpenMP barriers, stall like a busy core.
     torch._C.set_num_threads(len(cpus))
     return cpus
+
+
+def claims(cpus):
+    """{core: how busy it is}: its share of busy time over half a second, plus 1 for each other process pinned
+    to a subset of the cores that includes it (a run that has just started and is still loading counts too)."""
+    def ticks():
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+        return {int(r[0][3:]): (sum(map(int, r[1:9])), int(r[4]) + int(r[5])) for r in rows}
+    try:
+        t0 = ticks()
+        time.sleep(0.5)
+        t1 = ticks()
+        busy = {c: 1 - (t1[c][1] - t0[c][1]) / max(1, t1[c][0] - t0[c][0]) for c in cpus}
+    except (OSError, ValueError, KeyError, IndexError):
+        busy = dict.fromkeys(cpus, 0.0)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:  # kernel threads (no command line) are pinned to every core alike and say nothing
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                pinned = os.sched_getaffinity(int(pid)) if f.read(1) and int(pid) != os.getpid() else set()
+        except OSError:
+            continue
+        if pinned and len(pinned) < len(cpus):
+            for c in pinned & busy.keys():
+                busy[c] += 1
+    return busy
 
 
 def library_logs(verbose):
@@ -1187,7 +1327,12 @@ def model_folder(name):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another run, started at the same time, finished the same folder first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(folder):
+            raise
     print(f"dequantized {name} to {'bfloat16' if exact else 'float32'} folder {folder} (once; reused next time)")
     return folder
 
@@ -1366,7 +1511,8 @@ def probe(args):
     scores = [[task.score(c.text, ex, not c.truncated) for c in group] for group, (_, ex) in zip(outs, batch)]
     rb = rollout_batch([ids for ids, _ in batch], [c for group in outs for c in group], scores, args, torch.device("cpu"))
     n = rb.rewards.numel()
-    result = {"task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format, "model": args.model,
+    result = {"task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format,
+              "model": os.path.basename(args.model) if os.path.isabs(args.model) else args.model,  # no path of this machine
               "prompts": len(batch), "K": args.group_size, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
               "reward_mean": rb.rewards.mean().item(),
               "frac_prompts_with_success": (rb.rewards.max(-1).values >= 1).float().mean().item(),
@@ -1540,8 +1686,8 @@ def save_checkpoint(run, step, args):
 # Settings that change the prompts, the samples or the loss: a resume with any of them changed is a
 # different experiment. The rest (steps, evaluation, saving, memory, logging) may change.
 RESUME_MUST_MATCH = ("task", "task_kwargs", "answer_format", "model", "data_dir", "train_size", "max_prompt_tokens", "seed",
-                     "prompts_per_step", "group_size", "max_new_tokens", "dtype", "loss", "seq_logp", "eta", "kl_coef", "lr",
-                     "max_grad_norm", "epochs", "lora_rank", "p_old")
+                     "prompts_per_step", "group_size", "max_new_tokens", "dtype", "loss", "seq_logp", "grpo_mean", "eta", "kl_coef",
+                     "lr", "max_grad_norm", "epochs", "lora_rank", "p_old")
 
 
 def read_checkpoint(path, args):

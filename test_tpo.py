@@ -131,11 +131,14 @@ def test_tpo_all_equal_group_gives_zero_gradient_on_snapshot():
 
 def test_tpo_gradient_is_exactly_zero_on_a_batch_scored_all_alike():
     # Rounding noise of ~1e-9 here would become a full-size AdamW step in a random direction.
+    # Whatever the scores' and p_old's dtypes: q is built in p's precision (float64 scores gave 4e-9 once).
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        logp = (torch.randn(6, 16, generator=torch.Generator().manual_seed(0)) * 300 - 2000).to(dtype).requires_grad_(True)
-        scores = torch.tensor([[0.0] * 16, [1.0] * 16, [0.3] * 16] * 2)
-        tpo.tpo_loss(logp, logp.detach(), scores).backward()
-        assert torch.equal(logp.grad, torch.zeros_like(logp.grad)), dtype
+        for score_dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for old_dtype in (dtype, torch.float64):
+                logp = (torch.randn(6, 16, generator=torch.Generator().manual_seed(0)) * 300 - 2000).to(dtype).requires_grad_(True)
+                scores = torch.tensor([[0.0] * 16, [1.0] * 16, [0.3] * 16] * 2, dtype=score_dtype)
+                tpo.tpo_loss(logp, logp.detach().to(old_dtype), scores).backward()
+                assert torch.equal(logp.grad, torch.zeros_like(logp.grad)), (dtype, score_dtype, old_dtype)
 
 
 def test_tpo_target_maximises_kl_regularised_objective():
@@ -272,18 +275,32 @@ def test_kl_penalty_hand_case_and_zero_gradient_at_reference():
     x = torch.zeros(3, requires_grad=True)
     tpo.kl_penalty(x, torch.zeros(3)).sum().backward()
     assert torch.equal(x.grad, torch.zeros(3))
-    assert tpo.kl_penalty(torch.tensor([100.0]), torch.tensor([0.0])).item() == pytest.approx(99.0)
 
 
-def test_kl_penalty_keeps_its_gradient_beyond_a_log_ratio_of_20():
+def test_kl_penalty_clamps_the_log_ratio_to_20_value_and_gradient_as_the_papers_grpo():
     for dtype in (torch.float32, torch.float64):
-        d = torch.tensor([-30.0, 30.0, -1000.0, 1000.0], dtype=dtype, requires_grad=True)
-        k = tpo.kl_penalty(d, torch.zeros(4, dtype=dtype))
+        d = torch.tensor([-30.0, 30.0, -1000.0, 1000.0, -19.0, 19.0], dtype=dtype, requires_grad=True)
+        k = tpo.kl_penalty(d, torch.zeros(6, dtype=dtype))
         k.sum().backward()
         assert torch.isfinite(k).all() and torch.isfinite(d.grad).all(), dtype
-        assert d.grad[0].item() == pytest.approx(1 - math.exp(30), rel=1e-5)  # fallen far below ref: pulled back up
-        assert d.grad[1].item() == pytest.approx(1.0) and d.grad[3].item() == pytest.approx(1.0)  # far above: pushed down
-        assert d.grad[2].item() < -1e29 and k[3].item() == pytest.approx(999.0)  # past exp's range: capped value, same sign
+        assert k[0].item() == k[2].item() == pytest.approx(math.exp(20) + 19, rel=1e-6)  # the value at d = -20
+        assert k[1].item() == k[3].item() == pytest.approx(19.0)
+        assert torch.equal(d.grad[:4], torch.zeros(4, dtype=dtype))  # beyond the clamp: no gradient, as jnp.clip gives
+        assert d.grad[4].item() == pytest.approx(1 - math.exp(19), rel=1e-5) and d.grad[5].item() == pytest.approx(1.0)
+
+
+def test_grpo_clamps_its_log_ratio_to_20_and_ppo_does_not():
+    logp_old = torch.zeros(3)
+    A = torch.tensor([-1.0, -1.0, 1.0])
+    for loss in ("grpo", "ppo"):
+        logp = torch.tensor([25.0, 5.0, -30.0], requires_grad=True)
+        value = tpo.grpo_loss(logp, logp_old, A, beta=0.0) if loss == "grpo" else tpo.ppo_loss(logp, logp_old, A)
+        value.backward()
+        if loss == "grpo":
+            assert value.item() == pytest.approx((math.exp(20) + math.exp(5) - 0.8) / 3, rel=1e-6)
+            assert logp.grad[0].item() == 0 and logp.grad[1].item() == pytest.approx(math.exp(5) / 3, rel=1e-6)
+        else:
+            assert logp.grad[0].item() == pytest.approx(math.exp(25) / 3, rel=1e-5)  # PPO keeps pushing it back
 
 
 def test_grpo_loss_is_clipped_surrogate_plus_beta_kl():
@@ -1576,13 +1593,16 @@ def test_a_fresh_run_keeps_an_earlier_log_unless_told_to_overwrite_it(tiny_model
 
 
 @pytest.mark.parametrize("loss,seq_logp,lora_rank", [("tpo", "sum", 0), ("tpo", "mean", 0), ("tpo", "mean", 8), ("tpo", "sum", 8),
-                                                     ("grpo", "sum", 0), ("grpo", "mean", 8)])
+                                                     ("tpo", "budget", 0), ("grpo", "sum", 0), ("grpo", "mean", 8),
+                                                     ("grpo-reply", "sum", 0)])
 def test_packed_update_equals_the_loss_computed_one_sequence_at_a_time(tiny_model, loss, seq_logp, lora_rank):
     # Direct: every [prompt, reply] through the model on its own (no packing, no padding), the batch's loss from
-    # tpo.py (TPO on the [P, K] candidate log-probs, GRPO's token-level surrogate) plus the KL term, autograd.
+    # tpo.py (TPO on the [P, K] candidate log-probs, GRPO's token-level surrogate or, grpo-reply, its mean over
+    # each reply's tokens and then over replies) plus the KL term, autograd.
     # The trainer: packed rows of any size, TPO's two-pass gradient. Value and gradient must agree.
+    loss, grpo_mean = ("grpo", "reply") if loss == "grpo-reply" else (loss, "token")
     args, model, ref = tiny_policy(tiny_model, "--loss", loss, "--lora-rank", str(lora_rank), "--kl-coef", "0.05",
-                                   "--seq-logp", seq_logp, "--max-grad-norm", "inf")
+                                   "--seq-logp", seq_logp, "--grpo-mean", grpo_mean, "--max-grad-norm", "inf")
     P, K = 2, 4
     torch.manual_seed(1)
     with torch.no_grad():  # away from the reference, so the KL term has a gradient
@@ -1598,7 +1618,12 @@ def test_packed_update_equals_the_loss_computed_one_sequence_at_a_time(tiny_mode
         toks.append(logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None])[:, 0])
     flat = torch.cat(toks)
     if loss == "tpo":
-        value = tpo.tpo_loss(torch.stack([t.sum() if seq_logp == "sum" else t.mean() for t in toks]).view(P, K), rb.seq_old, rewards)
+        seq = {"sum": lambda t: t.sum(), "mean": lambda t: t.mean(), "budget": lambda t: t.sum() / args.max_new_tokens}[seq_logp]
+        value = tpo.tpo_loss(torch.stack([seq(t) for t in toks]).view(P, K), rb.seq_old, rewards)
+    elif grpo_mean == "reply":
+        A = tpo.group_advantages(rewards).flatten()
+        value = torch.stack([tpo.grpo_loss(t, rb.lp_old[rb.seq_of_token == i], A[i].expand(len(t)), beta=0.0)
+                             for i, t in enumerate(toks)]).mean()
     else:
         value = tpo.grpo_loss(flat, rb.lp_old, tpo.group_advantages(rewards).flatten()[rb.seq_of_token], beta=0.0)
     value = value + args.kl_coef * tpo.kl_penalty(flat, rb.lp_ref).mean()
@@ -1612,6 +1637,100 @@ def test_packed_update_equals_the_loss_computed_one_sequence_at_a_time(tiny_mode
         diff = sum((grads[n] - g).square().sum() for n, g in direct.items()).sqrt()
         norm = sum(g.square().sum() for g in direct.values()).sqrt()
         assert diff < 1e-5 * norm and norm > 1e-3, (row_tokens, diff / norm, norm)
+
+
+def test_budget_seq_logp_gives_every_token_of_reply_i_the_weight_p_minus_q_over_the_budget(tiny_model):
+    # A hand-built batch: the objective's row losses on leaf token log-probs, against (p_i - q_i) / (P L_max)
+    # from their definitions, and against autograd through tpo.tpo_loss on sum / L_max.
+    args, _, _ = tiny_policy(tiny_model, "--seq-logp", "budget", "--max-new-tokens", "9")
+    P, K = 2, 4
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.3, 0.0, 0.9, 0.9]])
+    rb = random_rollout(P, K, args, rewards, full=(3,))
+    gen = torch.Generator().manual_seed(0)
+    lp_old = -torch.rand(len(rb.seq_of_token), generator=gen, dtype=torch.float64) * 3
+    rb = rb._replace(lp_old=lp_old, seq_old=llm_rlvr.sequence_logp(lp_old, rb, args))
+    seq_sum = torch.zeros(P * K, dtype=torch.float64).index_add_(0, rb.seq_of_token, lp_old)
+    assert torch.allclose(rb.seq_old.flatten(), seq_sum / 9, atol=1e-12)
+    lp = (lp_old + 0.1 * torch.randn(len(lp_old), generator=gen, dtype=torch.float64)).requires_grad_(True)
+    row_loss, _ = llm_rlvr.tpo_objective(rb, 1, args, lambda: llm_rlvr.sequence_logp(lp.detach(), rb, args))
+    sum(row_loss(lp[a:b], a, b) for g, i, j, a, b in rb.rows).backward()
+    p = llm_rlvr.sequence_logp(lp.detach(), rb, args).softmax(-1)
+    q = (rb.seq_old + tpo.standardize(rewards.double())).softmax(-1)
+    expected = ((p - q).flatten() / (P * 9))[rb.seq_of_token]
+    assert (lp.grad - expected).abs().max() < 1e-6 and expected.abs().max() > 1e-3
+    leaf = lp.detach().clone().requires_grad_(True)
+    value = tpo.tpo_loss(llm_rlvr.sequence_logp(leaf, rb, args), rb.seq_old, rewards)
+    value.backward()
+    assert (leaf.grad - lp.grad).abs().max() < 1e-6
+    _, logged = llm_rlvr.tpo_objective(rb, 1, args, lambda: llm_rlvr.sequence_logp(lp.detach(), rb, args))
+    assert logged == pytest.approx(value.item(), abs=1e-6)
+
+
+def tiny_family_model(family):
+    """A random 2-layer model of a family whose attention or logits differ from Llama's, in float32, as the trainer
+    loads it (the packed rows' attention)."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM, GraniteConfig, GraniteForCausalLM,
+                              LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    common = dict(vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                  intermediate_size=256, max_position_embeddings=512)
+    config, model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                     "mistral": (MistralConfig, MistralForCausalLM), "granite": (GraniteConfig, GraniteForCausalLM),
+                     "gemma2": (Gemma2Config, Gemma2ForCausalLM), "gpt_oss": (GptOssConfig, GptOssForCausalLM)}[family]
+    extra = {"mistral": {"sliding_window": 4}, "granite": {"logits_scaling": 8.0},
+             "gemma2": {"sliding_window": 4, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+             "gpt_oss": {"sliding_window": 4, "num_local_experts": 2, "num_experts_per_tok": 1,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}}.get(family, {})
+    torch.manual_seed(0)
+    m = model(config(**common, **extra))
+    m.set_attn_implementation(llm_rlvr.row_attention_name())
+    with torch.no_grad():
+        m.get_output_embeddings().weight.normal_(0, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "granite", "gemma2", "gpt_oss"])
+def test_packed_rows_give_each_models_own_log_probs_or_the_run_is_refused(family, capsys):
+    # Sliding windows (Mistral, Gemma 2), attention and final-logit soft-caps (Gemma 2) and logit scaling (Granite)
+    # are reproduced; attention sinks (GPT-OSS) are not, and the start-up check refuses them in one sentence.
+    model = tiny_family_model(family)
+    args = SimpleNamespace(dtype="float32", device="cpu")
+    if family == "gpt_oss":
+        with pytest.raises(SystemExit):
+            llm_rlvr.check_packed_rows(model, args)
+        assert capsys.readouterr().err.strip() == "error: the trainer's packed rows do not handle attention sinks (s_aux) of gpt_oss models"
+        return
+    assert llm_rlvr.check_packed_rows(model, args) < 1e-5
+    # and on a longer group, with the gradient: replies longer than the window, through the trainer's rows
+    gen = torch.Generator().manual_seed(1)
+    prompt, replies = torch.randint(3, 300, (10,), generator=gen).tolist(), [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 1, 6)]
+    packed = llm_rlvr.row_logprobs(model, prompt, replies)
+    packed.sum().backward()
+    g_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_attn_implementation("eager")
+    own = torch.cat([model(input_ids=torch.tensor([prompt + r])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+                     .gather(-1, torch.tensor(r)[:, None])[:, 0] for r in replies])
+    own.sum().backward()
+    assert (packed - own).abs().max() < 1e-5
+    diff = sum((g_packed[n] - p.grad).square().sum() for n, p in model.named_parameters()).sqrt()
+    norm = sum(p.grad.square().sum() for p in model.parameters()).sqrt()
+    assert diff < 1e-5 * norm and norm > 1e-3, (diff / norm, norm)
+
+
+def test_row_attention_builds_a_padding_mask_and_refuses_masks_it_does_not_handle():
+    # Called the usual way with a 2-D padding mask, the model gets SDPA's mask through the row attention's name
+    # (transformers once passed it on as no mask at all); a mask of another kind is refused, not ignored.
+    model = tiny_family_model("qwen3")
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]]), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    rows = model(input_ids=ids, attention_mask=mask).logits
+    model.set_attn_implementation("sdpa")
+    sdpa = model(input_ids=ids, attention_mask=mask).logits
+    alone = model(input_ids=ids[1:, 2:]).logits
+    assert torch.allclose(rows, sdpa, atol=1e-5) and torch.allclose(rows[1, 2:], alone[0], atol=1e-5)
+    q = torch.zeros(1, 2, 3, 64)
+    for bad in (torch.zeros(1, 3, 3), torch.zeros(1, 1, 3, 3, dtype=torch.float64), torch.zeros(1, 1, 3, 3, dtype=torch.int32)):
+        with pytest.raises(NotImplementedError):
+            llm_rlvr.row_attention(None, q, q, q, bad)
 
 
 def test_a_group_is_one_row_with_its_prompt_once_unless_it_exceeds_the_row_budget(tiny_model):
@@ -1967,10 +2086,28 @@ def test_engine_p_old_skips_the_trainer_pass_and_gives_its_update(tiny_model, tm
                                               (["--device", "cpu", "--dtype", "bfloat16"], "bfloat16", "trainer"),
                                               (["--device", "cuda"], "bfloat16", "trainer"),
                                               (["--device", "cpu", "--dtype", "bfloat16", "--p-old", "engine"], "bfloat16", "engine")])
-def test_dtype_and_p_old_defaults(argv, dtype, p_old):
+def test_dtype_and_p_old_defaults(argv, dtype, p_old, capsys):
     args = llm_rlvr.parser.parse_args(argv)
     llm_rlvr.check_args(args)
     assert (args.dtype, args.p_old) == (dtype, p_old)
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert warned == (["warning: --p-old engine under bfloat16 builds the first epoch's target from log-probs ~0.04 a token "
+                       "away from the trainer's (its own p there); --p-old trainer removes that"] if "--p-old" in argv else [])
+
+
+def test_two_runs_of_one_thread_each_take_a_core_of_their_own(monkeypatch):
+    # Another run pinned to core 0 (a child process standing in for it): a --threads 1 run must take core 1,
+    # whatever the cores' momentary load, which the run on core 0 may not show while it is still loading.
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        real = os.sched_getaffinity
+        monkeypatch.setattr(llm_rlvr.os, "sched_getaffinity", lambda pid: {0} if pid == other.pid else {0, 1} if pid == 0 else real(pid))
+        monkeypatch.setattr(llm_rlvr.os, "sched_setaffinity", lambda pid, cpus: None)
+        monkeypatch.setattr(llm_rlvr.torch._C, "set_num_threads", lambda n: None)
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        assert llm_rlvr.pin_cpus(SimpleNamespace(threads=1, dtype="float32", p_old="engine")) == [1]
+    finally:
+        other.kill()
 
 
 def test_cpu_runs_are_pinned_to_the_idle_cores(monkeypatch):
@@ -2052,6 +2189,7 @@ def test_probe_reports_the_base_reward_and_trains_nothing(tiny_model, tmp_path, 
     assert (result["prompts"], result["replies"], result["answer_format"]) == (3, 12, "hash")
     assert result["reward_mean"] == pytest.approx(1.5 / 12) and result["frac_prompts_with_success"] == pytest.approx(1 / 3)
     assert result["parsed"] == 11 and result["task_kwargs"]["max_digits"] == 1
+    assert result["model"] == os.path.basename(tiny_model)  # by name: no path of the machine it ran on
     assert "wrote " + str(tmp_path / "run" / "probe.json") in capsys.readouterr().out
 
 
@@ -2193,6 +2331,17 @@ def _markdown_headings_as_anchors(text):
         seen[slug] = n + 1
         anchors.add(slug if n == 0 else f"{slug}-{n}")
     return anchors
+
+
+def test_no_result_file_holds_a_path_of_the_machine_it_ran_on():
+    here = os.path.dirname(os.path.abspath(__file__))
+    pattern = re.compile(r'"(/(home|work|tmp|usr|root|opt|Users|mnt|var)/[^"]*)"|site-packages|[A-Z]:\\\\')
+    found = []
+    for folder, _, files in os.walk(os.path.join(here, "results")):
+        for name in files:
+            with open(os.path.join(folder, name), errors="replace") as f:
+                found += [f"{name}: {m.group(0)}" for m in pattern.finditer(f.read())]
+    assert not found, found[:5]
 
 
 def test_docs_links_anchors_and_figures_resolve_and_readme_is_a_front_page():
