@@ -22,9 +22,11 @@ and, causally, to itself (pack, row_logprobs, row_attention).
 of tokens the sums are tens of nats apart, p_old is nearly one-hot and the
 first-epoch gradient p - q nearly vanishes, so our default is the mean
 (measured in docs/llm_rlvr.md). Every other default that is not the paper's
-says so in its --help. What training does not need (--probe, --benchmark,
---compare, checks, torchrun's ranks, GGUF conversion, answer parsing,
-checkpoints) sits after the training path, under one rule. Runs on the CPU too (--device cpu).
+says so in its --help. After the training path, under one rule: what a step
+calls but a reader need not read first (checks, task loading, the packed
+rows' attention, torchrun's ranks, model loading, answer parsing,
+checkpoints), then the tools a training run never executes (--compare,
+--probe, --benchmark). Runs on the CPU too (--device cpu).
 """
 
 import os
@@ -556,7 +558,9 @@ def update(model, opt, rb, args):
         total = kl_total = 0.0
         inputs = row_inputs(rb)
         for n, (prompt, replies, a, b) in enumerate(inputs):
-            sync_gradients(rows, n == len(inputs) - 1)  # gradients add up over the rows: one optimizer step per epoch
+            # gradients add up over the rows: one optimizer step per epoch; DDP reduces them at the last row, FSDP at every
+            # row, since an FSDP rank that skips the reduce-scatter holds the whole unsharded gradient until it runs one
+            sync_gradients(rows, n == len(inputs) - 1 or args.fsdp)
             with autocast(args):
                 lp = rows(prompt, replies)
             if a is None:  # a padding row: a zero gradient, for the collectives its forward and backward take part in
@@ -625,7 +629,7 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
         r[f"len_{k}"] = r[f"len_{k}"] / n if n else None
     return {"step": step, "reward_mean": r["reward_mean"], "reward_std": max(r.pop("reward_sq") - r["reward_mean"] ** 2, 0.0) ** 0.5,
             **r, "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"], **{f"t_{k}": v for k, v in t.items()},
-            "tokens_per_s": r["tokens_computed"] / sum(t.values())}
+            "t_push": 0.0, "tokens_per_s": None}  # both filled after the push (train_step)
 
 
 def append(path, record):
@@ -683,9 +687,10 @@ def set_up(args):
         set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
     run = SimpleNamespace(task=task, train=train, test=test, model=model, policy=policy, ref=ref, tokenizer=tokenizer,
                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
-                          mid_update=False)
+                          mid_update=False, updated=start, logged=start, record=None)
     # The weights leave the last finished step at the step's first optimizer step, not before it: an error in the
-    # rollout or in the update's forward and backward (a CUDA OOM) still finds that step's weights to save.
+    # rollout or in the update's forward and backward (a CUDA OOM) still finds that step's weights to save, and
+    # one after the update's last optimizer step finds the new step's (train_step sets run.updated).
     opt.register_step_pre_hook(lambda *_: setattr(run, "mid_update", True))
     return run
 
@@ -704,11 +709,15 @@ def train_step(run, step, args):
         stats, first_lp = update(run.policy, run.opt, rb, args)
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    # The weights are this step's, whole: an error in the push, the evaluation or the log saves the step (train).
+    run.updated, run.mid_update = step, False
+    run.record = record = step_record(step, rb, stats, first_lp, t, run.opt, args)
     with timed(t, "push"):
         if args.device == "cuda":
             run.llm.wake_up()
         run.adapter = push_weights(run.llm, run.model, args, step, run.adapter)
-    record = step_record(step, rb, stats, first_lp, t, run.opt, args)
+    record["t_push"] = t["push"]
+    record["tokens_per_s"] = record["tokens_computed"] / step_seconds(record)
     if args.eval_every and step % args.eval_every == 0:
         with timed(record, "t_eval"):
             record.update(evaluate(run.llm, run.task, run.test, args, run.adapter))
@@ -730,14 +739,20 @@ def train(run, args, stop):
                 break
             record = train_step(run, step, args)
             append(run.log_path, record)
+            run.logged = step
             print(progress(record, args), flush=True)
-            done, run.mid_update = step, False
+            done = step
             if args.save_every and step % args.save_every == 0:
                 saved = save_checkpoint(run, step, args)
         if done > saved:
             saved = save_checkpoint(run, done, args)
     except Exception as e:
-        step_failed(run, done, saved, e, args)
+        failed = done + 1
+        if run.updated > done:  # the step's update finished; its push, evaluation or log line did not
+            if run.logged < run.updated:
+                append(run.log_path, {**run.record, "error": f"{type(e).__name__} after the update"})
+            done = run.updated
+        step_failed(run, failed, done, saved, e, args)
         raise
     return done, saved
 
@@ -780,10 +795,12 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# --- tools: not needed to train ---
-# Argument checks, task loading, torchrun's ranks, the packed rows' attention
-# kernel, CPU pinning, library logs, resource checks, GGUF conversion, the
-# plot, --compare, --probe, answer parsing, checkpoints and --benchmark
+# --- below: what the training path above calls, then the tools ---
+# Every step depends on: argument checks and task loading, the packed rows'
+# attention kernel, torchrun's ranks, CPU pinning, model and GGUF loading,
+# answer parsing, checkpoints. A training run never executes the tools:
+# --compare (read_run ... print_compare_table), --probe and --benchmark
+# (bench_model_and_batch, benchmark); it draws its curves (plot) once, at the end.
 # ---------------------------------------------------------------------------
 
 def check_args(args):
@@ -1061,37 +1078,44 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
     return x.tolist()
 
 
-def step_failed(run, done, saved, error, args):
-    """A step raised. One process: save the last finished step unless the optimizer has already moved the weights
-    past it (then the last saved checkpoint stands), say so, and let the traceback follow: a scorer crash or an OOM
-    in the update's backward in step 900 costs one step, not the run. Under torchrun: end this rank at once in one
-    sentence (rank_failed)."""
+def step_failed(run, failed, done, saved, error, args):
+    """Step `failed` raised; `done` is the last step whose update finished (the failed one itself when only its
+    push, evaluation or log line raised). One process: save step `done` unless the optimizer has already moved the
+    weights past it (then the last saved checkpoint stands), say so, and let the traceback follow: a scorer crash
+    or an OOM in the update's backward in step 900 costs one step, not the run. Under torchrun: end this rank at
+    once in one sentence (rank_failed)."""
     if ranks()[1] > 1:
-        rank_failed(run, done, saved, error)
+        rank_failed(run, failed, done, saved, error, args)
     if done > saved and not run.mid_update:
         saved = save_checkpoint(run, done, args)
     kept = f"the checkpoint in {run.ckpt_path} holds step {saved}" if saved else "no checkpoint was written"
-    print(f"error in step {done + 1}: {kept}" + (f" (the optimizer had moved the weights past step {done}, so it could not be saved)"
-                                                if done > saved else ""), file=sys.stderr)
+    print(f"error in step {failed}: {kept}" + (f" (the optimizer had moved the weights past step {done}, so it could not be saved)"
+                                              if done > saved else ""), file=sys.stderr)
 
 
-def rank_failed(run, done, saved, error):
+def rank_failed(run, failed, done, saved, error, args):
     """Under torchrun an error ends its rank at once, in one sentence (the traceback goes to the run folder): the
-    other ranks then fail in their next collective, or torchrun stops them, instead of waiting for this one."""
+    other ranks then fail in their next collective, or torchrun stops them, instead of waiting for this one.
+    Under DDP every rank holds the same weights at a step's end, so rank 0 alone saves the last finished step
+    first (with its own generators for every rank); FSDP's shards need every rank, so there the last saved
+    checkpoint stands."""
     rank = ranks()[0]
     path = os.path.join(os.path.dirname(run.log_path), f"error_rank{rank}.txt")
     with open(path, "w") as f:
         traceback.print_exc(file=f)
+    if rank == 0 and not args.fsdp and done > saved and not run.mid_update:
+        with contextlib.suppress(Exception):
+            saved = save_checkpoint(run, done, args, alone=True)
     what = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     if "closed by peer" in what or "Connection reset" in what:
         what = "another rank ended (its error is above)"
     kept = f"the checkpoint holds step {saved}" if saved else "no checkpoint was written"
-    print(f"error (rank {rank}) in step {done + 1}: {what}; {kept}; traceback in {path}", file=sys.stderr, flush=True)
+    print(f"error (rank {rank}) in step {failed}: {what}; {kept}; traceback in {path}", file=sys.stderr, flush=True)
     os._exit(1)  # skips the engine's clean-up, which would wait on the ranks that are gone
 
 
 def sync_gradients(rows, on):
-    """Whether the next backward reduces the gradient over the ranks (DDP, FSDP): only an epoch's last row's."""
+    """Whether the next backward reduces the gradient over the ranks (DDP, FSDP): see update."""
     if isinstance(rows, torch.nn.parallel.DistributedDataParallel):
         rows.require_backward_grad_sync = on  # what DDP's no_sync() sets
     elif hasattr(rows, "set_requires_gradient_sync"):
@@ -1402,7 +1426,9 @@ def read_run(d):
     if not train:
         fail(f"{d} has no finished step")
     rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
-    return {"run": d, "loss": config["loss"], "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
+    cut = [r["truncated_frac"] for r in train if "truncated_frac" in r]
+    return {"run": d, "loss": config["loss"], "arm": arm(config), "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
+            "truncated_all": np.mean(cut) if cut else None,
             "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
             "steps_with_reward": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
@@ -1410,6 +1436,15 @@ def read_run(d):
             "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
             "train_steps": [r["step"] for r in train], "train_reward": rewards, "train_length": lengths,
             "seconds_per_step": np.mean([step_seconds(r) for r in train])}
+
+
+def arm(config):
+    """A run's loss and what else sets its objective: TPO's --seq-logp, GRPO's --grpo-mean, --epochs other than 1
+    (just the loss for a config that names none of them)."""
+    if "seq_logp" not in config:
+        return config["loss"]
+    detail = config["seq_logp"] if config["loss"] == "tpo" else config.get("grpo_mean", "token")  # older GRPO runs: token
+    return f"{config['loss']} ({detail})" + (f", {config['epochs']} epochs" if config.get("epochs", 1) != 1 else "")
 
 
 def compare(args):
@@ -1420,17 +1455,18 @@ def compare(args):
     --max-new-tokens has no answer, so a drift in length moves the reward). The table gives, per run, the
     steps logged, the mean reward of the first and of the last 10 steps and of all steps, how many steps had
     any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
-    the last evaluation (lenient and, where logged, strict) and the mean seconds a step; then, per loss over
-    its seeds, the mean and standard error of the all-steps and last-10 reward and of the last held-out
-    accuracy."""
+    the last evaluation (lenient and, where logged, strict), the mean seconds a step and the share of replies
+    cut off; then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward
+    and of the last held-out accuracy. A "loss" here is the loss with what else sets its objective (arm):
+    TPO's --seq-logp, GRPO's --grpo-mean, --epochs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [read_run(d) for d in args.compare]
     fig, ((ax_r, ax_m), (ax_e, ax_l)) = plt.subplots(2, 2, figsize=(12, 7.2))
-    losses, seeds = sorted({r["loss"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs})
-    for r in runs:  # colour = loss, line style = seed
-        label, color, style = f"{r['loss']}, seed {r['seed']}", f"C{losses.index(r['loss'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
+    losses, seeds = sorted({r["arm"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs})
+    for r in runs:  # colour = loss (with its objective's settings: arm), line style = seed
+        label, color, style = f"{r['arm']}, seed {r['seed']}", f"C{losses.index(r['arm'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
         ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
         ax_r.plot(r["train_steps"], moving_average(r["train_reward"]), color=color, linestyle=style, label=label)
         ax_l.plot(r["train_steps"], moving_average(r["train_length"]), color=color, linestyle=style, label=label)
@@ -1440,7 +1476,7 @@ def compare(args):
             if strict:
                 ax_e.plot(*zip(*strict), "s", color=color, linestyle=style, alpha=0.5, fillstyle="none")  # one legend entry a run
     for loss in losses:
-        steps, mean, se, n = mean_over_seeds([r for r in runs if r["loss"] == loss])
+        steps, mean, se, n = mean_over_seeds([r for r in runs if r["arm"] == loss])
         ax_m.plot(steps, mean, color=f"C{losses.index(loss)}", label=f"{loss}, {n} seed{'s' if n > 1 else ''}")
         ax_m.fill_between(steps, mean - se, mean + se, color=f"C{losses.index(loss)}", alpha=0.2)
     ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: 5-step average)")
@@ -1448,7 +1484,8 @@ def compare(args):
     ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy (hollow squares: strict)")
     ax_l.set(xlabel="step", ylabel="tokens", title="mean reply length (5-step average)")
     for ax in (ax_r, ax_m, ax_e, ax_l):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # runs without evaluations leave the held-out panel empty
+            ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     out_dir = args.out_dir or os.path.join("runs", "compare")
@@ -1479,16 +1516,17 @@ def mean_over_seeds(runs):
 def print_compare_table(runs):
     """--compare's Markdown table, one row per run, then one line per loss: mean +- standard error over its seeds."""
     print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 (all steps) | steps with a reward | "
-          "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step | cut off, all steps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         held = " -> ".join(f"{held_out(r['eval_accuracy'][j], r['eval_accuracy_strict'][j])} (step {r['eval_steps'][j]})"
                            for j in (0, -1)) if r["eval_steps"] else "not evaluated"
-        print(f"| {r['run']} | {r['loss']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
+        cut = "-" if r.get("truncated_all") is None else f"{r['truncated_all']:.0%}"
+        print(f"| {r['run']} | {r['arm']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
               f"({r['reward_all']:.3f}) | {r['steps_with_reward']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
-              f"| {r['seconds_per_step']:.0f} |")
-    for loss in sorted({r["loss"] for r in runs}, reverse=True):  # over seeds: mean and standard error
-        of = [r for r in runs if r["loss"] == loss]
+              f"| {r['seconds_per_step']:.0f} | {cut} |")
+    for loss in sorted({r["arm"] for r in runs}, reverse=True):  # over seeds: mean and standard error
+        of = [r for r in runs if r["arm"] == loss]
         se = lambda xs: f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) / len(xs) ** 0.5:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
         last = [r["eval_accuracy"][-1] for r in of if r["eval_steps"]]
         print(f"{loss}, {len(of)} run{'s' if len(of) > 1 else ''}: train reward over all steps {se([r['reward_all'] for r in of])}, "
@@ -1649,11 +1687,13 @@ def start_out_dir(args, ckpt_path, log_path):
         dist.barrier()
 
 
-def save_checkpoint(run, step, args):
+def save_checkpoint(run, step, args, alone=False):
     """Returns step. At most two checkpoints exist on disk, and only while this one is written. One file, from
     rank 0 (every rank holds the whole policy), or under --fsdp a torch.distributed.checkpoint folder, each rank
-    writing its shards; with every rank's generators either way."""
+    writing its shards; with every rank's generators either way. alone: rank 0 saves without the other ranks
+    (they have failed), with its own generators only."""
     (rank, world), path = ranks(), run.ckpt_path
+    world = 1 if alone else world
     rng = [None] * world
     if world > 1:
         dist.all_gather_object(rng, rng_state())

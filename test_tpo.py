@@ -1335,8 +1335,16 @@ def digits_rng_task(args):
     return SimpleNamespace(**{**vars(task), "score": score})
 
 
+def digits_strict_task(args):
+    """The digits task with a strict score unlike its lenient one (half of it plus 0.25), as a task with an
+    answer format has."""
+    task = digits_task(args)
+    return SimpleNamespace(**vars(task), score_strict=lambda text, ex, finished: 0.5 * task.score(text, ex, finished) + 0.25)
+
+
 llm_rlvr.TASKS["digits"] = digits_task
 llm_rlvr.TASKS["digits_rng"] = digits_rng_task
+llm_rlvr.TASKS["digits_strict"] = digits_strict_task
 
 
 def run_llm(tiny_model, tmp_path, *extra):
@@ -1560,14 +1568,15 @@ def exp_entropy_of_p_old(rb):
 def test_tpo_step_end_to_end_lora_bf16_with_kl(tiny_model, tmp_path, monkeypatch):
     calls = spy_on_update(monkeypatch)
     log = run_llm(tiny_model, tmp_path, "--loss", "tpo", "--steps", "1", "--dtype", "bfloat16", "--lora-rank", "8",
-                  "--kl-coef", "1e-3", "--epochs", "2", "--eval-every", "1")
+                  "--kl-coef", "1e-3", "--epochs", "2", "--eval-every", "1", "--task", "digits_strict")
     step = log[-1]
     for key in ("reward_mean", "reward_std", "frac_groups_all_equal", "completion_len_mean", "truncated_frac", "loss",
                 "grad_norm", "lr", "t_generate", "t_score", "t_logprobs", "t_update", "t_push", "tokens_per_s",
                 "logp_mismatch", "eff_group_size", "q_pold_abs_mean", "eval_accuracy", "eval_accuracy_strict"):
         assert math.isfinite(step[key]), key
     assert step["logp_mismatch"] < 0.05  # bfloat16 on both sides
-    assert step["eval_accuracy_strict"] == step["eval_accuracy"]  # the toy task has no answer format to be strict about
+    # the strict reading is the task's own score_strict, here one that differs from the lenient score everywhere
+    assert step["eval_accuracy_strict"] == pytest.approx(0.5 * step["eval_accuracy"] + 0.25)
     (call,) = calls
     assert step["eff_group_size"] == pytest.approx(exp_entropy_of_p_old(call), rel=1e-5)
     # each group in one row: every prompt computed once, no padding
@@ -1921,6 +1930,25 @@ def test_compare_gives_each_loss_the_mean_and_standard_error_over_seeds(tmp_path
     assert list(llm_rlvr.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text())[:1])[2]) == [0.0] * 12
 
 
+def test_compare_tells_apart_the_settings_that_change_a_losss_objective(tmp_path, capsys):
+    times = {"t_generate": 1.0, "t_score": 0.0, "t_logprobs": 0.5, "t_update": 2.0, "t_push": 0.5}
+    runs = []
+    for name, config, cut in [("a", {"loss": "tpo", "seq_logp": "mean"}, 0.5), ("b", {"loss": "tpo", "seq_logp": "budget"}, 0.25),
+                              ("c", {"loss": "grpo", "seq_logp": "mean"}, 0.0),  # a run from before --grpo-mean: token
+                              ("d", {"loss": "grpo", "seq_logp": "mean", "grpo_mean": "reply", "epochs": 4}, 0.0)]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**config, "seed": 0, "task": "chain_sum"}))
+        log = [{"step": i + 1, "reward_mean": 0.1, "completion_len_mean": 30, "truncated_frac": cut, **times} for i in range(3)]
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        runs.append(str(d))
+    result = llm_rlvr.main(["--compare", *runs, "--out-dir", str(tmp_path / "cmp")])
+    assert [r["arm"] for r in result] == ["tpo (mean)", "tpo (budget)", "grpo (token)", "grpo (reply), 4 epochs"]
+    out = capsys.readouterr().out
+    assert all(f"{a}, 1 run: train reward" in out for a in ("tpo (mean)", "tpo (budget)", "grpo (token)", "grpo (reply), 4 epochs"))
+    assert [line.split("|")[-2].strip() for line in out.splitlines() if line.startswith(f"| {tmp_path}")] == ["50%", "25%", "0%", "0%"]
+
+
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):
     def crashing_task(args):
         task = digits_task(args)
@@ -1945,12 +1973,11 @@ def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-@pytest.mark.parametrize("where", ["update", "push"])
-def test_an_error_after_the_rollout_saves_the_last_finished_step_until_the_optimizer_steps(tiny_model, tmp_path, capsys,
-                                                                                           monkeypatch, where):
+@pytest.mark.parametrize("where", ["update", "push", "eval"])
+def test_an_error_saves_the_last_step_whose_update_finished(tiny_model, tmp_path, capsys, monkeypatch, where):
     # An OOM in the update's forward or backward comes before the optimizer step: step 1's weights and AdamW state
-    # are still whole and are saved. One in the push comes after it: the weights are step 2's without its log line,
-    # so nothing is saved and the last periodic checkpoint (none here) stands.
+    # are still whole and are saved. One in the push or the held-out evaluation comes after step 2's optimizer
+    # step: the weights are step 2's, whole, so step 2 is saved, and its log line, marked with the error.
     def out_of_memory():
         raise RuntimeError("out of memory (simulated)")
 
@@ -1961,23 +1988,30 @@ def test_an_error_after_the_rollout_saves_the_last_finished_step_until_the_optim
             calls.append(1)
             return out_of_memory() if len(calls) == 2 else objective(*a)
         monkeypatch.setitem(llm_rlvr.OBJECTIVES, "tpo", failing_objective)
-    else:
+    elif where == "push":
         push = llm_rlvr.push_weights
         monkeypatch.setattr(llm_rlvr, "push_weights", lambda llm, model, args, version, previous=None:
                             out_of_memory() if version == 2 else push(llm, model, args, version, previous))
+    else:
+        evaluate, calls = llm_rlvr.evaluate, []
+
+        def failing_evaluate(*a):
+            calls.append(1)
+            return out_of_memory() if len(calls) == 2 else evaluate(*a)  # the first is step 0's, the second step 2's
+        monkeypatch.setattr(llm_rlvr, "evaluate", failing_evaluate)
     with pytest.raises(RuntimeError, match="simulated") as e:
-        run_llm(tiny_model, tmp_path, "--steps", "3", "--max-new-tokens", "8")
+        run_llm(tiny_model, tmp_path, "--steps", "3", "--max-new-tokens", "8", *(("--eval-every", "2") if where == "eval" else ()))
     del e  # its traceback holds the engine
     gc.collect()
     err = capsys.readouterr().err
-    assert [r["step"] for r in llm_rlvr.read_log(tmp_path / "run" / "log.jsonl")] == [1]
-    if where == "update":
-        assert "error in step 2: the checkpoint" in err and "holds step 1" in err
-        ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-        assert ckpt["step"] == 1 and {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {1.0}
-    else:
-        assert "no checkpoint was written (the optimizer had moved the weights past step 1" in err
-        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    log = [r for r in llm_rlvr.read_log(tmp_path / "run" / "log.jsonl") if r["step"] > 0]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    finished = 1 if where == "update" else 2
+    assert [r["step"] for r in log] == list(range(1, finished + 1)) and "error" not in log[0]
+    assert "error in step 2: the checkpoint" in err and f"holds step {finished}" in err
+    assert ckpt["step"] == finished and {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {float(finished)}
+    if where != "update":
+        assert log[-1]["error"] == "RuntimeError after the update" and log[-1]["grad_norm"] > 0
 
 
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tiny_model, tmp_path):
@@ -2444,14 +2478,40 @@ def crash_on_rank_1(args):
     return SimpleNamespace(**{{**vars(task), "score": score}})
 
 
+def crash_in_rank_0s_evaluation(args):
+    """The digits task whose scorer raises on rank 0 after its 12th reply: in step 1's held-out evaluation, after
+    step 0's evaluation (4 of the 8 held-out prompts) and step 1's rollout (2 groups of 4)."""
+    task = test_tpo.digits_task(args)
+    calls = []
+
+    def score(text, ex, finished):
+        calls.append(1)
+        if os.environ.get("RANK") == "0" and len(calls) > 12:
+            raise ValueError("the scorer broke in the evaluation")
+        return task.score(text, ex, finished)
+    return SimpleNamespace(**{{**vars(task), "score": score}})
+
+
 llm_rlvr.TASKS["digits_crash_rank_1"] = crash_on_rank_1
+llm_rlvr.TASKS["digits_crash_eval_rank_0"] = crash_in_rank_0s_evaluation
 result = llm_rlvr.main(sys.argv[1:])
-# What the rank's engine serves after the last push: its greedy reply to a fixed prompt and the log-probs.
+# What the rank's engine serves after the last push: its greedy reply to a fixed prompt and the log-probs, beside the
+# trainer's own log-probs of that reply (every rank runs the forward: under FSDP it gathers the weights), and the
+# trainer's weights after the last step.
+import torch
 from vllm import SamplingParams
 out = result.llm.generate([{{"prompt_token_ids": [5, 6, 7, 8]}}], SamplingParams(max_tokens=8, temperature=0.0, logprobs=0),
                           use_tqdm=False)[0].outputs[0]
-with open(os.path.join(result.args.out_dir, "engine_rank%s.json" % os.environ.get("RANK", 0)), "w") as f:
-    json.dump({{"tokens": list(out.token_ids), "logprobs": [d[t].logprob for t, d in zip(out.token_ids, out.logprobs)]}}, f)
+with torch.no_grad():
+    trainer = llm_rlvr.row_logprobs(result.model, [5, 6, 7, 8], [list(out.token_ids)])
+    weights = {{n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in result.model.named_parameters()
+               if p.requires_grad}}
+rank = os.environ.get("RANK", "0")
+with open(os.path.join(result.args.out_dir, "engine_rank%s.json" % rank), "w") as f:
+    json.dump({{"tokens": list(out.token_ids), "logprobs": [d[t].logprob for t, d in zip(out.token_ids, out.logprobs)],
+               "trainer_logprobs": trainer.tolist()}}, f)
+if rank == "0":
+    torch.save(weights, os.path.join(result.args.out_dir, "weights.pt"))
 '''
 
 
@@ -2491,19 +2551,23 @@ def rank_runs(tiny_model, tmp_path_factory):
     for name, extra in (("ddp_resumed", ()), ("fsdp_resumed", ("--fsdp",))):
         runs[name + "_first"] = launch(tmp, tiny_model, 2, name, "--steps", "1", *extra)
         runs[name] = launch(tmp, tiny_model, 2, name, "--steps", "2", "--resume", *extra)
+    # GRPO (a token mean over every rank's replies, of unequal lengths), 2 epochs, a clip that shrinks the step
+    grpo = ("--steps", "2", "--loss", "grpo", "--epochs", "2", "--max-grad-norm", "0.05", "--lr", "1e-3")
+    runs["one_grpo"], runs["ddp_grpo"] = launch(tmp, tiny_model, 0, "one_grpo", *grpo), launch(tmp, tiny_model, 2, "ddp_grpo", *grpo)
     for name, (done, _) in runs.items():
         assert done.returncode == 0, (name, done.stderr[-3000:])
     return tmp, runs
 
 
-@pytest.mark.parametrize("run, one", [("ddp", "one"), ("ddp_resumed", "one"), ("fsdp_resumed", "one"), ("ddp_lora", "one_lora")])
+@pytest.mark.parametrize("run, one", [("ddp", "one"), ("ddp_resumed", "one"), ("fsdp_resumed", "one"), ("ddp_lora", "one_lora"),
+                                     ("ddp_grpo", "one_grpo")])
 def test_two_ranks_log_the_one_process_steps(rank_runs, run, one):
     """Each rank generates, scores and backpropagates 2 of the 4 groups; the losses' denominators are the step's,
     and the gradient is reduced over the ranks, so the 2-rank step is the 1-process step: same samples (seeded per
     prompt), same rewards and lengths, and the same loss and gradient norm up to float32 summation order. Step 2
     starts from the weights step 1 left (and, resumed, from the checkpoint), so the updates match too."""
     tmp, runs = rank_runs
-    one, two = rank_log(tmp, one), rank_log(tmp, run)
+    one_name, (one, two) = one, (rank_log(tmp, one), rank_log(tmp, run))
     if "eval_accuracy" in one[0]:  # each rank evaluates half the held-out prompts; the counts are summed
         assert [r["eval_accuracy"] for r in two] == pytest.approx([r["eval_accuracy"] for r in one], abs=1e-9) and len(one[0]) == 4
         one, two = one[1:], two[1:]
@@ -2516,13 +2580,27 @@ def test_two_ranks_log_the_one_process_steps(rank_runs, run, one):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (run, a["step"], key)
     if run.endswith("resumed"):
         assert "resumed from step 1" in runs[run][0].stdout
+    if run == "ddp_grpo":  # the replies differ in length, the clip shrank both epochs' steps, and the weights after agree
+        assert 0 < one[0]["truncated_frac"] < 1 and one[0]["grad_norm"] > 0.05
+        w_one, w_two = torch.load(tmp / one_name / "weights.pt"), torch.load(tmp / run / "weights.pt")
+        diff = sum((w_one[n] - w_two[n]).square().sum() for n in w_one).sqrt()
+        assert w_one.keys() == w_two.keys() and diff < 1e-5 * sum(w.square().sum() for w in w_one.values()).sqrt(), diff
 
 
-@pytest.mark.parametrize("run", ["ddp", "fsdp_resumed", "ddp_lora"])
-def test_every_rank_engine_serves_the_same_weights_after_a_push(rank_runs, run):
+@pytest.mark.parametrize("run", ["ddp", "fsdp_resumed", "ddp_lora", "ddp_grpo"])
+def test_every_rank_engine_serves_the_trainers_weights_after_a_push(rank_runs, run, tiny_model):
+    # Against the trainer's own forward, not only the other rank's engine: a push that did nothing on every rank
+    # would leave each engine on the initial weights, far from the trainer's after two steps.
+    from transformers import AutoModelForCausalLM
     tmp, _ = rank_runs
     engines = [json.loads((tmp / run / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
-    assert engines[0]["tokens"] == engines[1]["tokens"] and engines[0]["logprobs"] == pytest.approx(engines[1]["logprobs"], abs=1e-6)
+    assert engines[0]["tokens"] == engines[1]["tokens"]
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=llm_rlvr.row_attention_name())
+    with torch.no_grad():
+        before = llm_rlvr.row_logprobs(initial, [5, 6, 7, 8], [engines[0]["tokens"]])
+    for e in engines:
+        assert e["logprobs"] == pytest.approx(e["trainer_logprobs"], abs=1e-4)
+        assert (torch.tensor(e["trainer_logprobs"]) - before).abs().max() > 1e-3  # the steps moved the policy that far
     assert (tmp / run / ("checkpoint.dcp" if run.startswith("fsdp") else "checkpoint.pt")).exists()
     assert not (tmp / run / "error_rank0.txt").exists()
 
@@ -2534,6 +2612,20 @@ def test_a_rank_that_raises_ends_every_rank_in_one_sentence(tiny_model, tmp_path
     assert any(line.startswith("error (rank 1) in step 1: ValueError: the scorer broke on this reply; no checkpoint was written")
                for line in lines), done.stderr[-3000:]
     assert "the scorer broke" in (tmp_path / "crash" / "error_rank1.txt").read_text()  # the traceback, kept
+
+
+def test_rank_0_saves_a_step_whose_update_finished_when_it_raises_after_it(tiny_model, tmp_path):
+    # Under DDP every rank holds the step's weights once its update is done: rank 0, failing in the held-out
+    # evaluation after it, saves that step alone before it ends, and writes its log line marked with the error.
+    done, seconds = launch(tmp_path, tiny_model, 2, "crash", "--task", "digits_crash_eval_rank_0", "--steps", "3",
+                           "--eval-every", "1", "--eval-size", "8")
+    assert done.returncode != 0 and seconds < 120
+    assert any(line.startswith("error (rank 0) in step 1: ValueError: the scorer broke in the evaluation; the checkpoint holds step 1")
+               for line in done.stderr.splitlines()), done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 1 and len(ckpt["rng"]) == 1
+    log = rank_log(tmp_path, "crash")
+    assert [r["step"] for r in log] == [0, 1] and log[1]["error"] == "ValueError after the update"
 
 
 def test_rank_settings_that_cannot_work_are_refused_at_start(tiny_model, tmp_path, capsys):
