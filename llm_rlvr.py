@@ -119,6 +119,9 @@ parser.add_argument("--benchmark", action="store_true",
 parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                     help="tool: one figure and table of finished runs, in --out-dir (default: runs/compare), then exit")
 
+# A bad flag or value: one line that names it and points to --help, not the whole usage before it.
+parser.error = lambda message: fail(f"{message} (python llm_rlvr.py --help lists every flag)")
+
 CLIP_EPS = 0.2  # GRPO's clip range (paper: 0.2)
 CPU_KV_CACHE_GIB = 1.0  # the CPU engine sizes its KV cache from what the whole process holds, which a trainer inflates
 RANK_TIMEOUT_MIN = 30  # a rank waiting longer than this for the others ends the run (a hang, not a slow step)
@@ -1279,12 +1282,12 @@ def check_resources(args):
                 blockers.append(f"the Hugging Face hub cannot be reached, and {' and '.join(missing)}")
             if not constants.HF_HUB_OFFLINE:
                 hint = "HF_HUB_OFFLINE=1 makes cached files load without network retries"
-                if blockers:
-                    blockers.append(hint)
-                else:
+                if not blockers:
                     print(f"the Hugging Face hub cannot be reached: {hint}")
-    if blockers:
-        fail(blockers[0] if len(blockers) == 1 else f"this run cannot start, for {len(blockers)} reasons:\n" + "\n".join(f"  - {b}" for b in blockers))
+    if blockers:  # the hint, where one is due, follows the reasons: it is a tip, not a reason
+        tip = "" if constants.HF_HUB_OFFLINE or not needed else "\n  (tip: HF_HUB_OFFLINE=1 makes cached files load without network retries)"
+        fail((blockers[0] if len(blockers) == 1 else f"this run cannot start, for {len(blockers)} reasons:\n"
+              + "\n".join(f"  - {b}" for b in blockers)) + tip)
 
 
 def hub_reachable():

@@ -2058,6 +2058,14 @@ def test_llm_bad_input_is_one_sentence(tiny_model, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--loss", "foo"], ["--steps", "many"], ["--no-such-flag"]])
+def test_a_bad_flag_or_value_is_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        llm_rlvr.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and "--help" in err, err
+
+
 def test_a_cpu_only_machine_is_pointed_to_the_cpu_quick_start(tmp_path, capsys, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -2108,9 +2116,11 @@ def test_offline_machine_learns_every_blocker_at_once(tmp_path, capsys, monkeypa
         with pytest.raises(SystemExit) as e:
             llm_rlvr.main(argv)
         err = capsys.readouterr().err.strip()
-        lines = err.splitlines()  # several blockers: each on a line of its own, after one line that says so
-        assert e.value.code == 2 and (torch.cuda.is_available() or lines[0] == f"error: this run cannot start, for {len(lines) - 1} reasons:"), err
-        assert all(line.startswith("  - ") and len(line) < 300 for line in lines[1:]), err
+        lines = err.splitlines()  # several blockers: each on a line of its own, after one line that counts them; then a tip
+        reasons = [line for line in lines[1:] if line.startswith("  - ")]
+        assert e.value.code == 2 and (torch.cuda.is_available() or lines[0] == f"error: this run cannot start, for {len(reasons)} reasons:"), err
+        assert lines[1:] == reasons + (["  (tip: HF_HUB_OFFLINE=1 makes cached files load without network retries)"] if hint else []), err
+        assert all(len(line) < 300 for line in lines), err
         assert "Qwen/Qwen3-1.7B" in err and "openai/gsm8k" in err and "--data-dir" in err, err
         assert ("no CUDA GPU" in err) != torch.cuda.is_available(), err
         assert ("HF_HUB_OFFLINE=1" in err) == hint, err
