@@ -75,7 +75,8 @@ parser.add_argument("--prompts-per-step", type=int, default=16, help="P prompts 
 parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, no weight decay (paper: 1e-5)")
 parser.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the initial model, both losses; 0 = off (paper: 1e-3 on GSM8K, none named for the reasoning-gym tasks)")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank) on all linear layers; 0 = full fine-tuning (default: 32 for gsm8k as in the paper, else 0, the paper naming LoRA for GSM8K only)")
-parser.add_argument("--steps", type=int, default=200, help="RL steps, each one rollout batch (paper: 300 on graph colouring)")
+parser.add_argument("--steps", type=int, default=200,
+                    help="RL steps, each one rollout batch (paper: 300 on graph colouring); 0: evaluate --model on the held-out prompts, no training")
 parser.add_argument("--eta", type=float, default=1.0, help="TPO temperature (paper: 1)")
 parser.add_argument("--seq-logp", default="mean", choices=["sum", "mean", "budget"],
                     help="candidate log-prob from its token log-probs: their sum (paper: Eq. 1), their mean (each reply's tokens "
@@ -112,6 +113,10 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="the engine's share of GPU memory, beside the trainer")
 parser.add_argument("--threads", type=int, default=None,
                     help="CPU: threads for the engine and the trainer, pinned to that many cores (default: the cores other processes leave idle)")
+parser.add_argument("--wandb", action="store_true",
+                    help="also log to Weights & Biases (rank 0): each step's scalars, the config, the held-out accuracies, the curves")
+parser.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT, else tpo)")
+parser.add_argument("--wandb-name", default=None, help="W&B run name (default: $WANDB_NAME, else the --out-dir folder's name)")
 parser.add_argument("--verbose", action="store_true", help="show vLLM's, transformers' and the hub's logs (default: only their errors)")
 parser.add_argument("--probe", type=int, default=0, metavar="N", help="tool: the base reward on N training prompts, then exit")
 parser.add_argument("--benchmark", action="store_true",
@@ -610,7 +615,7 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
     first-epoch forward. tokens_computed: the positions the trainer's forwards covered (a split group computes
     its prompt again); tokens_unique: each prompt once and every reply token; tokens_per_s: tokens_computed
     over the step's seconds. len_rewarded / len_unrewarded: mean length of the replies that scored above 0 /
-    exactly 0 (None where there are none). Phase times are rank 0's."""
+    exactly 0 (None where there are none). peak_memory_gb: see peak_memory_gb. Phase times are rank 0's."""
     n_eff, q_move = group_diagnostics(rb.seq_old, rb.rewards, args.eta)
     lens, share = rb.lengths.float(), len(rb.rewards) / rb.groups_total  # share: this rank's part of the groups
     rewarded = rb.rewards.flatten() > 0
@@ -631,14 +636,48 @@ def step_record(step, rb, stats, first_lp, t, opt, args):
         n = r.pop(f"n_{k}")
         r[f"len_{k}"] = r[f"len_{k}"] / n if n else None
     return {"step": step, "reward_mean": r["reward_mean"], "reward_std": max(r.pop("reward_sq") - r["reward_mean"] ** 2, 0.0) ** 0.5,
-            **r, "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"], **{f"t_{k}": v for k, v in t.items()},
-            "t_push": 0.0, "tokens_per_s": None}  # both filled after the push (train_step)
+            **r, "grad_norm": stats[0][1], "lr": opt.param_groups[0]["lr"], "peak_memory_gb": peak_memory_gb(args),
+            **{f"t_{k}": v for k, v in t.items()}, "t_push": 0.0, "tokens_per_s": None}  # both filled after the push (train_step)
 
 
-def append(path, record):
+def peak_memory_gb(args):
+    """The most memory any rank has held: on a GPU the trainer's tensors in this step (the engine's share is
+    --gpu-memory-utilization's), on the CPU the whole process since it started (engine, trainer, Python)."""
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return all_reduce([peak], dist.ReduceOp.MAX)[0]
+
+
+def append(path, record, tracker=None):
+    """One line of the log (rank 0), and the same numbers to W&B where --wandb asks."""
     if ranks()[0] == 0:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if tracker is not None:
+            tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
+
+
+def start_tracker(args):
+    """--wandb: a W&B run on rank 0 (None elsewhere, or without the flag), with every flag as its config; a resumed
+    run continues the W&B run it started (its id is kept in <out-dir>/wandb_id)."""
+    if not args.wandb or ranks()[0] != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        fail("--wandb needs the wandb package: pip install wandb")
+    id_path = os.path.join(args.out_dir, "wandb_id")
+    run_id = open(id_path).read().strip() if args.resume and os.path.exists(id_path) else None
+    tracker = wandb.init(project=args.wandb_project or os.environ.get("WANDB_PROJECT", "tpo"), id=run_id, resume="allow" if run_id else None,
+                         name=args.wandb_name or os.environ.get("WANDB_NAME") or os.path.basename(os.path.normpath(args.out_dir)),
+                         config=vars(args), dir=args.out_dir)
+    with open(id_path, "w") as f:
+        f.write(tracker.id)
+    return tracker
 
 
 def evaluate(llm, task, test, args, adapter):
@@ -684,13 +723,14 @@ def set_up(args):
     start = load_checkpoint(ckpt, policy, opt, log_path, ckpt_path, args) if ckpt is not None else 0
     start_out_dir(args, ckpt_path, log_path)
 
+    tracker = start_tracker(args)
     llm = start_engine(args, path)
     adapter = push_weights(llm, model, args, start) if start else None  # the engine loaded the initial weights
     if ckpt is not None and "rng" in ckpt:  # older checkpoints lack it
         set_rng_state(ckpt["rng"])  # after the engine start, which reseeds every generator
     run = SimpleNamespace(task=task, train=train, test=test, model=model, policy=policy, ref=ref, tokenizer=tokenizer,
                           opt=opt, start=start, llm=llm, adapter=adapter, device=device, ckpt_path=ckpt_path, log_path=log_path,
-                          mid_update=False, updated=start, logged=start, record=None)
+                          mid_update=False, updated=start, logged=start, record=None, tracker=tracker)
     # The weights leave the last finished step at the step's first optimizer step, not before it: an error in the
     # rollout or in the update's forward and backward (a CUDA OOM) still finds that step's weights to save, and
     # one after the update's last optimizer step finds the new step's (train_step sets run.updated).
@@ -734,14 +774,14 @@ def train(run, args, stop):
         if run.start == 0 and args.eval_every:
             print(f"evaluating the initial policy on {len(run.test)} held-out prompts (greedy) ...", flush=True)
             record = {"step": 0, **evaluate(run.llm, run.task, run.test, args, run.adapter)}
-            append(run.log_path, record)
+            append(run.log_path, record, run.tracker)
             print(f"step 0 | held-out accuracy {held_out(record['eval_accuracy'], record['eval_accuracy_strict'])} on {len(run.test)} prompts (greedy)")
         for step in range(run.start + 1, args.steps + 1):
             if all_reduce([len(stop)], dist.ReduceOp.MAX)[0]:  # every rank stops at the same step
                 stop.append(True)
                 break
             record = train_step(run, step, args)
-            append(run.log_path, record)
+            append(run.log_path, record, run.tracker)
             run.logged = step
             print(progress(record, args), flush=True)
             done = step
@@ -774,6 +814,8 @@ def main(argv=None):
         pin_cpus(args)
     if args.probe:
         return probe(args)
+    if args.steps == 0:
+        return evaluate_model(args)
     try:
         run = set_up(args)
     except KeyboardInterrupt:  # model load and engine start take minutes; a Ctrl-C there is a choice, not a crash
@@ -793,6 +835,10 @@ def main(argv=None):
     log = read_log(run.log_path) if ranks()[0] == 0 else None
     if log is not None:
         plot(log, args, os.path.join(args.out_dir, "curves.png"))
+    if run.tracker is not None:
+        import wandb
+        run.tracker.log({"curves": wandb.Image(os.path.join(args.out_dir, "curves.png"))})
+        run.tracker.finish()
     print(f"done: {args.steps} steps; log in {run.log_path}, curves in {args.out_dir}/curves.png")
     return SimpleNamespace(llm=run.llm, model=run.model, tokenizer=run.tokenizer, args=args, log=log)
 
@@ -808,14 +854,14 @@ def main(argv=None):
 
 def check_args(args):
     """Refuse bad values in one sentence before anything loads, and fill the defaults that depend on others."""
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "row_tokens"):
+    for name in ("prompts_per_step", "group_size", "max_new_tokens", "max_prompt_tokens", "epochs", "row_tokens"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.group_size < 2:
         fail("--group-size must be at least 2: TPO and GRPO compare candidates within a group")
     if not (args.lr > 0 and args.eta > 0):
         fail("--lr and --eta must be positive")
-    for name in ("eval_every", "save_every", "eval_size", "probe"):
+    for name in ("steps", "eval_every", "save_every", "eval_size", "probe"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more")
     if args.resume and args.overwrite:
@@ -838,7 +884,9 @@ def check_args(args):
     elif args.p_old == "engine" and args.dtype == "bfloat16" and int(os.environ.get("RANK", 0)) == 0:
         print("warning: --p-old engine under bfloat16 builds the first epoch's target from log-probs ~0.04 a token away from "
               "the trainer's (its own p there); --p-old trainer removes that", file=sys.stderr)
-    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{'probe' if args.probe else args.loss}")
+    if args.steps == 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("--steps 0 (evaluate a model) runs in one process, not under torchrun")
+    args.out_dir = args.out_dir or os.path.join("runs", f"{args.task}_{'probe' if args.probe else 'eval' if not args.steps else args.loss}")
 
 
 def task_kwargs(args):
@@ -1553,7 +1601,7 @@ def probe(args):
     rb = rollout_batch([ids for ids, _ in batch], [c for group in outs for c in group], scores, args, torch.device("cpu"))
     n = rb.rewards.numel()
     result = {"task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format,
-              "model": os.path.basename(args.model) if os.path.isabs(args.model) else args.model,  # no path of this machine
+              "model": model_name(args),
               "prompts": len(batch), "K": args.group_size, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
               "reward_mean": rb.rewards.mean().item(),
               "frac_prompts_with_success": (rb.rewards.max(-1).values >= 1).float().mean().item(),
@@ -1566,6 +1614,35 @@ def probe(args):
     print(f"probe {args.task} ({args.answer_format} answers): mean reward {result['reward_mean']:.3f} over {len(batch)} prompts x {args.group_size} "
           f"replies; {result['frac_prompts_with_success']:.0%} of prompts have a full-score reply; {result['parsed']} of {n} replies "
           f"parsable; {result['truncated_frac']:.0%} cut off at {args.max_new_tokens} tokens; {result['seconds']:.0f} s; wrote {out}")
+    return result
+
+
+def model_name(args):
+    """--model as a result file records it: a hub id or relative path as given, an absolute path by its last part
+    (a result names no path of the machine it ran on)."""
+    return os.path.basename(os.path.normpath(args.model)) if os.path.isabs(args.model) else args.model
+
+
+def evaluate_model(args):
+    """--steps 0: the held-out accuracy of --model as it is (a hub id, a folder such as a run's <out-dir>/model,
+    a .gguf file), lenient and strict, on the held-out prompts a training run of the same --task, --seed and
+    --eval-size would use; trains nothing and writes <out-dir>/eval.json."""
+    t0 = time.time()
+    task = TASKS.get(args.task, load_reasoning_gym)(args)
+    path = model_folder(args.model)
+    test, dropped = encode_prompts(task, task.test[:args.eval_size or None], load_tokenizer(args, path), args)
+    if not test:
+        fail(f"no held-out prompt fits --max-prompt-tokens {args.max_prompt_tokens}")
+    args.lora_rank = 0  # a model as it is: no adapter to serve
+    result = {"model": model_name(args), "task": args.task, "task_kwargs": task_kwargs(args), "answer_format": args.answer_format,
+              "seed": args.seed, "prompts": len(test), "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+              **evaluate(start_engine(args, path), task, test, args, None), "seconds": time.time() - t0}
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, "eval.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{result['model']} on {len(test)} held-out {args.task} prompts (greedy): accuracy {held_out(result['eval_accuracy'], result['eval_accuracy_strict'])}, "
+          f"{result['eval_unparsed_frac']:.0%} with no readable answer; {result['seconds']:.0f} s; wrote {out}")
     return result
 
 
@@ -1661,6 +1738,39 @@ def gold_answer(example):
 # Checkpoints: trainable weights, optimizer, step, generators; written atomically
 # ---------------------------------------------------------------------------
 
+def save_model(run, args):
+    """<out-dir>/model: a Hugging Face folder (config, model.safetensors, tokenizer, generation config) of the
+    current policy, LoRA merged into its base weights (W + (alpha / r) B A), in the dtype of the checkpoint it
+    started from: it loads with AutoModelForCausalLM.from_pretrained, in vLLM (LLM(model=...), vllm serve) and as
+    --model of a new run. Written beside each checkpoint and at the end, over the last one (weights only: the
+    checkpoint holds what --resume needs). Under --fsdp every rank gathers each weight, and rank 0 writes."""
+    from safetensors.torch import save_file
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
+    base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    state = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): full(v).detach().float().cpu()
+             for k, v in run.model.state_dict().items()}  # on every rank, in one order: FSDP gathers
+    if args.lora_rank:
+        lora = run.model.peft_config["default"]
+        for a in [k for k in state if ".lora_A." in k]:
+            b, w = a.replace(".lora_A.", ".lora_B."), a.split(".lora_A.")[0] + ".weight"
+            state[w] += lora.lora_alpha / lora.r * state.pop(b) @ state.pop(a)
+    if ranks()[0] != 0:
+        return
+    dtype = getattr(base.config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if base.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the input embedding, tied
+    folder, tmp = os.path.join(args.out_dir, "model"), os.path.join(args.out_dir, "model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    base.config.save_pretrained(tmp)
+    base.generation_config.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def open_out_dir(args, ckpt_path, log_path):
     """The checkpoint to resume from (None for a fresh run), checked before the model loads; a folder that
     holds an earlier run is refused unless --resume or --overwrite says what to do with it."""
@@ -1721,6 +1831,8 @@ def save_checkpoint(run, step, args, alone=False):
             os.replace(path, path + ".old")
         os.replace(tmp, path)
         shutil.rmtree(path + ".old", ignore_errors=True)
+    if not (alone and args.fsdp):
+        save_model(run, args)
     if world > 1:
         dist.barrier()
     return step

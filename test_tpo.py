@@ -1783,6 +1783,58 @@ def test_row_attention_builds_a_padding_mask_and_refuses_masks_it_does_not_handl
             llm_rlvr.row_attention(None, q, q, q, bad)
 
 
+@pytest.mark.parametrize("lora_rank", [0, 8])
+def test_a_run_leaves_a_model_folder_that_is_the_trained_policy_and_evaluates_in_one_command(tiny_model, tmp_path, lora_rank, capsys):
+    # <out-dir>/model after 2 steps: transformers gives the trainer's log-probs of a fixed reply (LoRA merged), a new
+    # vLLM engine on it gives the run's engine's greedy reply, it is not the initial model, and --steps 0 evaluates it.
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    argv = ["--task", "digits", "--model", tiny_model, "--device", "cpu", "--dtype", "float32", "--prompts-per-step", "4",
+            "--group-size", "4", "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--eval-every", "0", "--steps", "2",
+            "--lr", "1e-3", "--lora-rank", str(lora_rank), "--out-dir", str(tmp_path / "run")]
+    result = llm_rlvr.main(argv)
+    folder = tmp_path / "run" / "model"
+    assert sorted(p.name for p in folder.iterdir()) >= ["config.json", "generation_config.json", "model.safetensors"]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    prompt = [5, 6, 7, 8]
+    reply = list(result.llm.generate([{"prompt_token_ids": prompt}], greedy, lora_request=llm_rlvr.push_weights(
+        result.llm, result.model, result.args, 99) if lora_rank else None, use_tqdm=False)[0].outputs[0].token_ids)
+    with torch.no_grad():
+        trainer = llm_rlvr.row_logprobs(result.model, prompt, [reply])
+        loaded, initial = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (folder, tiny_model))
+        own = [m(input_ids=torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+               .gather(-1, torch.tensor(reply)[:, None])[:, 0] for m in (loaded, initial)]
+    assert (own[0] - trainer).abs().max() < 1e-5 and (own[1] - trainer).abs().max() > 1e-3
+    del result
+    gc.collect()
+    engine = llm_rlvr.start_engine(llm_rlvr.parser.parse_args(argv[:-2] + ["--out-dir", str(tmp_path / "x"), "--lora-rank", "0"]), str(folder))
+    assert list(engine.generate([{"prompt_token_ids": prompt}], greedy, use_tqdm=False)[0].outputs[0].token_ids) == reply
+    del engine
+    gc.collect()
+    capsys.readouterr()
+    evaluated = llm_rlvr.main(["--task", "digits", "--model", str(folder), "--device", "cpu", "--dtype", "float32", "--steps", "0",
+                               "--max-new-tokens", "12", "--max-prompt-tokens", "64", "--out-dir", str(tmp_path / "eval")])
+    gc.collect()
+    assert sorted(os.listdir(tmp_path / "eval")) == ["eval.json"]  # no checkpoint, log or model: nothing was trained
+    assert evaluated == json.loads((tmp_path / "eval" / "eval.json").read_text()) and evaluated["prompts"] == 8
+    assert 0 <= evaluated["eval_accuracy"] <= 1 and "eval_accuracy_strict" in evaluated and evaluated["model"] == "model"
+    assert "model on 8 held-out digits prompts (greedy): accuracy" in capsys.readouterr().out
+
+
+def test_wandb_offline_run_holds_the_logged_numbers_the_config_and_the_curves(tiny_model, tmp_path, monkeypatch):
+    import glob
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_llm(tiny_model, tmp_path, "--steps", "2", "--eval-every", "2", "--wandb", "--wandb-project", "tpo-test-project")
+    (records,) = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data = open(records, "rb").read()  # the run's protobuf records: keys and strings appear as they are
+    for key in ("reward_mean", "eff_group_size", "q_pold_abs_mean", "len_unrewarded", "grad_norm", "eval_accuracy_strict",
+                "seq_logp", "tpo-test-project", "curves"):
+        assert key.encode() in data, key
+    assert glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "curves*.png"))
+    assert (tmp_path / "run" / "wandb_id").read_text().strip() in records
+
+
 def test_a_group_is_one_row_with_its_prompt_once_unless_it_exceeds_the_row_budget(tiny_model):
     args, _, _ = tiny_policy(tiny_model)
     rb = random_rollout(3, 4, args)
