@@ -57,7 +57,7 @@ parser.add_argument("--seed", type=int, default=0, help="base random seed")
 parser.add_argument("--threads", type=int, default=0,
                     help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
-parser.add_argument("--out", default=None, help="JSON path (default: results/bandit_<setting>.json); the PNG goes beside it")
+parser.add_argument("--out", default=None, help="JSON path (default: runs/bandit_<setting>.json; results/ holds the committed ones); the PNG goes beside it")
 
 
 def fail(msg):
@@ -238,7 +238,7 @@ def main(argv=None):
     if args.threads < 0:
         fail("--threads must be at least 1, or 0 for one per idle core")
     torch.set_num_threads(args.threads or min(torch.get_num_threads(), tpo.idle_cores(os.cpu_count() or 1)))
-    out = args.out or os.path.join("results", f"bandit_{args.setting}.json")
+    out = args.out or os.path.join("runs", f"bandit_{args.setting}.json")
 
     results = {}
     for i, m in enumerate(methods):

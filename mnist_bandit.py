@@ -9,8 +9,8 @@ to the RL methods. Only the CE oracle trains on labels.
     python mnist_bandit.py --data-dir DIR --mechanism         # also the paper's Fig. 4b analysis at step 2,000
 
 Results are named after the dataset unless --out says otherwise: MNIST goes to
-results/mnist_bandit.json, the folder fashion-mnist to
-results/fashion_mnist_bandit.json, each with a .png (and _mechanism.png) beside it.
+runs/mnist_bandit.json, the folder fashion-mnist to
+runs/fashion_mnist_bandit.json, each with a .png (and _mechanism.png) beside it.
 
 Paper settings as defaults: a 784-50-50-10 ReLU MLP (Flax's default
 initialisation: truncated-normal LeCun weights, zero biases), Adam at 1e-3,
@@ -70,7 +70,7 @@ parser.add_argument("--threads", type=int, default=0,
                     help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None,
-                    help="JSON path (default: results/<dataset>_bandit.json, e.g. fashion_mnist_bandit.json); the PNGs go beside it")
+                    help="JSON path (default: runs/<dataset>_bandit.json, e.g. runs/fashion_mnist_bandit.json; results/ holds the committed ones); the PNGs go beside it")
 parser.add_argument("--threshold", type=float, default=0.05,
                     help="error level of the table's 'step to X error' column and the JSON's steps_to_threshold, "
                          "the first evaluation strictly below it (paper: 5%%)")
@@ -388,7 +388,7 @@ def main(argv=None):
     print(f"loading {dataset} ...", flush=True)
     data = load_data(args.data_dir)
     # a Fashion-MNIST run must not be filed as an MNIST result
-    args.out = args.out or os.path.join("results", f"{dataset.replace('-', '_')}_bandit.json")
+    args.out = args.out or os.path.join("runs", f"{dataset.replace('-', '_')}_bandit.json")
     print(f"data: {dataset}, {len(data[0])} train / {len(data[2])} test images")
 
     results = {}

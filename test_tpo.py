@@ -628,13 +628,20 @@ def test_mnist_refuses_sizes_below_one_in_one_sentence(argv, message, capsys):
     assert capsys.readouterr().err.strip() == message
 
 
+def test_every_script_writes_under_runs_by_default_never_into_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bandit.main(["--setting", "single", "--seeds", "2", "--steps", "3"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["bandit_single.json", "bandit_single.png"]
+    assert not (tmp_path / "results").exists()
+
+
 def test_mnist_outputs_are_named_after_the_dataset_and_listed(tmp_path, monkeypatch, capsys):
     (tmp_path / "fashion-mnist").mkdir()
     data = write_toy_digits(str(tmp_path / "fashion-mnist"), n_train=50, n_test=20)
     monkeypatch.chdir(tmp_path)
     mnist_bandit.main(["--data-dir", data, "--methods", "tpo", "--steps", "2", "--seeds", "1", "--eval-every", "1",
                        "--mechanism", "--mechanism-step", "0"])
-    base = os.path.join("results", "fashion_mnist_bandit")
+    base = os.path.join("runs", "fashion_mnist_bandit")  # a user's run never writes into results/, the committed data
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {base}.json, {base}.png and {base}_mechanism.png"
     for suffix in (".json", ".png", "_mechanism.png"):
         assert (tmp_path / (base + suffix)).exists()
@@ -1157,22 +1164,22 @@ def test_default_output_name_carries_every_setting_that_is_not_its_default(tmp_p
     name = lambda *argv: tt.default_out({k: v for k, v in vars(tt.parser.parse_args(list(argv))).items()
                                          if k not in ("methods", "resume", "overwrite", "threads", "device", "out",
                                                       "benchmark", "report")})
-    assert name() == os.path.join("results", "token_tasks_bag_of_tokens_reverse_copy.json")
+    assert name() == os.path.join("runs", "token_tasks_bag_of_tokens_reverse_copy.json")
     assert name("--reward", "terminal", "--H", "8", "--K", "32", "--B", "256", "--episodes", "2000") == \
-        os.path.join("results", "token_tasks_terminal_reverse_copy_H8_K32_B256.json")
+        os.path.join("runs", "token_tasks_terminal_reverse_copy_H8_K32_B256.json")
     assert name("--eta", "0.5", "--matching", "interaction", "--d-model", "32") == \
-        os.path.join("results", "token_tasks_bag_of_tokens_reverse_copy_eta0.5_interaction_d-model32.json")
+        os.path.join("runs", "token_tasks_bag_of_tokens_reverse_copy_eta0.5_interaction_d-model32.json")
     # the module docstring's own sequence of commands, each writing beside the others
     first = tt.main(TOKEN_TINY + ["--methods", "tpo_token"])
     tt.main(TOKEN_TINY + ["--methods", "tpo_token", "--eta", "0.5"])
     tt.main(TOKEN_TINY + ["--methods", "tpo_token", "--V", "3"])
     stem = "token_tasks_bag_of_tokens_reverse_copy_"  # then the settings in the order of the arguments
-    assert sorted(p.name for p in (tmp_path / "results").glob("*.json")) == [
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.json")) == [
         stem + "H3_K4_B6_seeds2_epochs2.json", stem + "H3_K4_B6_seeds2_epochs2_eta0.5.json",
         stem + "V3_H3_K4_B6_seeds2_epochs2.json"]
-    saved = json.loads((tmp_path / "results" / (stem + "H3_K4_B6_seeds2_epochs2.json")).read_text())
+    saved = json.loads((tmp_path / "runs" / (stem + "H3_K4_B6_seeds2_epochs2.json")).read_text())
     assert saved["methods"] == json.loads(json.dumps(first))  # the first run is still there
-    assert f"wrote {os.path.join('results', stem)}V3_H3_K4_B6_seeds2_epochs2.json" in capsys.readouterr().out
+    assert f"wrote {os.path.join('runs', stem)}V3_H3_K4_B6_seeds2_epochs2.json" in capsys.readouterr().out
 
 
 def test_a_run_refuses_to_replace_results_of_other_settings_unless_told(tmp_path, capsys):

@@ -14,7 +14,7 @@ sequential (1 up to the first mistake) or terminal (1 everywhere if all is right
     python token_tasks.py --reward terminal --H 8 --K 32 --B 256 --episodes 2000 --methods tpo,grpo,grpo_masked    # diagnostics
     python token_tasks.py --methods tpo_token --eta 0.5         # temperature sweep: eta 0.25 ... 4
     python token_tasks.py --benchmark                           # seconds per seed-episode, GFLOP/s
-    python token_tasks.py --report results/token_tasks_terminal_reverse_copy_H8.json   # reprint a saved run's table
+    python token_tasks.py --report runs/token_tasks_terminal_reverse_copy_H8.json   # reprint a saved run's table
 
 The defaults are the paper's settings: V = 2, H = 10, K = 8, B = 100 prompts per episode,
 4 gradient epochs per rollout batch (DG and PG: 1), Muon at lr 1e-3, 10 seeds (Table 1:
@@ -86,7 +86,7 @@ parser.add_argument("--threads", type=int, default=0,
                     help="CPU threads (default: one per core that other processes leave idle, judged by their CPU "
                          "time over half a second at start; torch's threads slow down several-fold when one of them shares a core)")
 parser.add_argument("--out", default=None,
-                    help="JSON path; PNG beside it (default results/token_tasks_<reward>_<target>, then each other "
+                    help="JSON path; PNG beside it (default runs/token_tasks_<reward>_<target>, then each other "
                          "setting that is not its default, e.g. _H8_K32_B256; --episodes is left out)")
 parser.add_argument("--resume", action="store_true",
                     help="same --out and settings: keep finished methods (also those --methods leaves out), "
@@ -673,15 +673,15 @@ def check_args(args):
 
 
 def default_out(config):
-    """results/token_tasks_<reward>_<target>, then every setting that differs from its default, in the order of
-    the arguments: e.g. results/token_tasks_terminal_reverse_copy_H8_K32_B256.json. --episodes is left out, so a
+    """runs/token_tasks_<reward>_<target>, then every setting that differs from its default, in the order of
+    the arguments: e.g. runs/token_tasks_terminal_reverse_copy_H8_K32_B256.json. --episodes is left out, so a
     longer run of the same settings finds the shorter one (--resume carries it on)."""
     name = ["token_tasks", config["reward"], config["target"]]
     for k, v in config.items():
         if k in ("reward", "target", "episodes") or v == parser.get_default(k):
             continue
         name.append(v if isinstance(v, str) else k.replace("_", "-") + (f"{v:g}" if isinstance(v, float) else str(v)))
-    return os.path.join("results", "_".join(name) + ".json")
+    return os.path.join("runs", "_".join(name) + ".json")
 
 
 def changed_settings(old, config):
