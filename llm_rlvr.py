@@ -9,7 +9,7 @@ own, and the gradient is reduced over the ranks (DDP, or FSDP2 with --fsdp).
     python llm_rlvr.py --task gsm8k --loss tpo          # Qwen3-1.7B, LoRA r=32, KL 1e-3 (--seq-logp sum for Eq. 1)
     python llm_rlvr.py --task graph_color --loss grpo   # any reasoning-gym dataset by name
     torchrun --nproc-per-node 8 llm_rlvr.py --task gsm8k --prompts-per-step 64
-    python llm_rlvr.py --benchmark                      # the trainer's throughput on a random Qwen3-1.7B
+    python tools/bench_llm_update.py                    # the trainer's throughput on a random Qwen3-1.7B
 
 A step, in the order of this file: sample K replies per prompt -> score ->
 token log-probs of p_old (the engine's, or the trainer's: --p-old) and of the
@@ -25,8 +25,9 @@ first-epoch gradient p - q nearly vanishes, so our default is the mean
 says so in its --help. After the training path, under one rule: what a step
 calls but a reader need not read first (checks, task loading, the packed
 rows' attention, torchrun's ranks, model loading, answer parsing,
-checkpoints), then the tools a training run never executes (--compare,
---probe, --benchmark). Runs on the CPU too (--device cpu).
+checkpoints), then --probe, which a training run never executes. Tools of
+their own: tools/compare_runs.py (runs side by side), tools/bench_llm_update.py
+(the update's throughput). Runs on the CPU too (--device cpu).
 """
 
 import os
@@ -119,10 +120,7 @@ parser.add_argument("--wandb-project", default=None, help="W&B project (default:
 parser.add_argument("--wandb-name", default=None, help="W&B run name (default: $WANDB_NAME, else the --out-dir folder's name)")
 parser.add_argument("--verbose", action="store_true", help="show vLLM's, transformers' and the hub's logs (default: only their errors)")
 parser.add_argument("--probe", type=int, default=0, metavar="N", help="tool: the base reward on N training prompts, then exit")
-parser.add_argument("--benchmark", action="store_true",
-                    help="tool: time the trainer on random weights of --model's shape (default: Qwen3-1.7B), then exit")
-parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                    help="tool: one figure and table of finished runs, in --out-dir (default: runs/compare), then exit")
+parser.set_defaults(benchmark=False)  # tools/bench_llm_update.py sets it: random weights, nothing downloaded
 
 # A bad flag or value: one line that names it and points to --help, not the whole usage before it.
 parser.error = lambda message: fail(f"{message} (python llm_rlvr.py --help lists every flag)")
@@ -802,14 +800,10 @@ def train(run, args, stop):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.compare:
-        return compare(args)
     library_logs(args.verbose)
     check_args(args)
     check_resources(args)
     start_ranks(args)
-    if args.benchmark:
-        return benchmark(args)
     if args.device == "cpu":
         pin_cpus(args)
     if args.probe:
@@ -844,12 +838,11 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# --- below: what the training path above calls, then the tools ---
+# --- below: what the training path above calls, then --probe and --steps 0 ---
 # Every step depends on: argument checks and task loading, the packed rows'
 # attention kernel, torchrun's ranks, CPU pinning, model and GGUF loading,
-# answer parsing, checkpoints. A training run never executes the tools:
-# --compare (read_run ... print_compare_table), --probe and --benchmark
-# (bench_model_and_batch, benchmark); it draws its curves (plot) once, at the end.
+# answer parsing, checkpoints and the model folder. A training run never
+# executes probe or evaluate_model, and draws its curves (plot) once, at the end.
 # ---------------------------------------------------------------------------
 
 def check_args(args):
@@ -1107,7 +1100,7 @@ def start_ranks(args):
     if args.prompts_per_step % world:
         fail(f"--prompts-per-step {args.prompts_per_step} does not split into whole groups over {world} ranks")
     if args.probe or args.benchmark:
-        fail("--probe and --benchmark run in one process: launch them with python, not torchrun")
+        fail("--probe and the benchmark run in one process: launch them with python, not torchrun")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(minutes=RANK_TIMEOUT_MIN))
@@ -1464,126 +1457,6 @@ def plot(log, args, path):
     plt.close(fig)
 
 
-def read_run(d):
-    """One finished run folder as --compare summarizes it: the curves, the first and last 10 steps' mean
-    reward and reply length, and the mean reward of all steps (how soon and how far it rose, in one number)."""
-    log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
-    if not (os.path.exists(log_path) and os.path.exists(config_path)):
-        fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
-    with open(config_path) as f:
-        config = json.load(f)
-    log = read_log(log_path)
-    train, evals = [r for r in log if "reward_mean" in r], [r for r in log if "eval_accuracy" in r]
-    if not train:
-        fail(f"{d} has no finished step")
-    rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
-    cut = [r["truncated_frac"] for r in train if "truncated_frac" in r]
-    return {"run": d, "loss": config["loss"], "arm": arm(config), "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
-            "truncated_all": np.mean(cut) if cut else None,
-            "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
-            "steps_with_reward": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
-            "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
-            "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
-            "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
-            "train_steps": [r["step"] for r in train], "train_reward": rewards, "train_length": lengths,
-            "seconds_per_step": np.mean([step_seconds(r) for r in train])}
-
-
-def arm(config):
-    """A run's loss and what else sets its objective: TPO's --seq-logp, GRPO's --grpo-mean, --epochs other than 1
-    (just the loss for a config that names none of them)."""
-    if "seq_logp" not in config:
-        return config["loss"]
-    detail = config["seq_logp"] if config["loss"] == "tpo" else config.get("grpo_mean", "token")  # older GRPO runs: token
-    return f"{config['loss']} ({detail})" + (f", {config['epochs']} epochs" if config.get("epochs", 1) != 1 else "")
-
-
-def compare(args):
-    """--compare: several finished runs (e.g. --loss tpo and grpo at a few seeds) in one figure and one table.
-    The train reward is a mean over only P x K samples a step, so the figure draws its 5-step moving average
-    per run and, in a second panel, that average's mean over each loss's seeds with one standard error either
-    side; the last two panels are the held-out accuracy and the reply length (a reply cut off at
-    --max-new-tokens has no answer, so a drift in length moves the reward). The table gives, per run, the
-    steps logged, the mean reward of the first and of the last 10 steps and of all steps, how many steps had
-    any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
-    the last evaluation (lenient and, where logged, strict), the mean seconds a step and the share of replies
-    cut off; then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward
-    and of the last held-out accuracy. A "loss" here is the loss with what else sets its objective (arm):
-    TPO's --seq-logp, GRPO's --grpo-mean, --epochs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = [read_run(d) for d in args.compare]
-    fig, ((ax_r, ax_m), (ax_e, ax_l)) = plt.subplots(2, 2, figsize=(12, 7.2))
-    losses, seeds = sorted({r["arm"] for r in runs}, reverse=True), sorted({r["seed"] for r in runs})
-    for r in runs:  # colour = loss (with its objective's settings: arm), line style = seed
-        label, color, style = f"{r['arm']}, seed {r['seed']}", f"C{losses.index(r['arm'])}", ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4]
-        ax_r.plot(r["train_steps"], r["train_reward"], color=color, linestyle=style, alpha=0.2)
-        ax_r.plot(r["train_steps"], moving_average(r["train_reward"]), color=color, linestyle=style, label=label)
-        ax_l.plot(r["train_steps"], moving_average(r["train_length"]), color=color, linestyle=style, label=label)
-        if r["eval_steps"]:
-            ax_e.plot(r["eval_steps"], r["eval_accuracy"], "o", color=color, linestyle=style, label=label)
-            strict = [(s, a) for s, a in zip(r["eval_steps"], r["eval_accuracy_strict"]) if a is not None]
-            if strict:
-                ax_e.plot(*zip(*strict), "s", color=color, linestyle=style, alpha=0.5, fillstyle="none")  # one legend entry a run
-    for loss in losses:
-        steps, mean, se, n = mean_over_seeds([r for r in runs if r["arm"] == loss])
-        ax_m.plot(steps, mean, color=f"C{losses.index(loss)}", label=f"{loss}, {n} seed{'s' if n > 1 else ''}")
-        ax_m.fill_between(steps, mean - se, mean + se, color=f"C{losses.index(loss)}", alpha=0.2)
-    ax_r.set(xlabel="step", ylabel="train reward", title=f"{runs[0]['task']}: mean over P x K samples (line: 5-step average)")
-    ax_m.set(xlabel="step", ylabel="train reward", title="5-step average: mean over seeds ± standard error")
-    ax_e.set(xlabel="step", ylabel="accuracy", title="held-out prompts, greedy (hollow squares: strict)")
-    ax_l.set(xlabel="step", ylabel="tokens", title="mean reply length (5-step average)")
-    for ax in (ax_r, ax_m, ax_e, ax_l):
-        if ax.get_legend_handles_labels()[0]:  # runs without evaluations leave the held-out panel empty
-            ax.legend(fontsize=8)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.tight_layout()
-    out_dir = args.out_dir or os.path.join("runs", "compare")
-    os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
-    plt.close(fig)
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump(runs, f, indent=1, default=float)
-    print_compare_table(runs)
-    print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
-    return runs
-
-
-def moving_average(xs, w=5):
-    """y_j = mean(x_{j-w+1}, ..., x_j), over fewer points for the first w - 1."""
-    return [np.mean(xs[max(0, j - w + 1):j + 1]) for j in range(len(xs))]
-
-
-def mean_over_seeds(runs):
-    """The mean over runs (one loss, several seeds) of their train reward's moving average and its standard
-    error std(ddof=1) / sqrt(n), 0 for one run, over the steps that all of them reached."""
-    n_steps = min(len(r["train_reward"]) for r in runs)
-    curves = np.array([moving_average(r["train_reward"])[:n_steps] for r in runs])
-    se = curves.std(0, ddof=1) / len(runs) ** 0.5 if len(runs) > 1 else np.zeros(n_steps)
-    return runs[0]["train_steps"][:n_steps], curves.mean(0), se, len(runs)
-
-
-def print_compare_table(runs):
-    """--compare's Markdown table, one row per run, then one line per loss: mean +- standard error over its seeds."""
-    print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 (all steps) | steps with a reward | "
-          "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step | cut off, all steps |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in runs:
-        held = " -> ".join(f"{held_out(r['eval_accuracy'][j], r['eval_accuracy_strict'][j])} (step {r['eval_steps'][j]})"
-                           for j in (0, -1)) if r["eval_steps"] else "not evaluated"
-        cut = "-" if r.get("truncated_all") is None else f"{r['truncated_all']:.0%}"
-        print(f"| {r['run']} | {r['arm']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
-              f"({r['reward_all']:.3f}) | {r['steps_with_reward']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
-              f"| {r['seconds_per_step']:.0f} | {cut} |")
-    for loss in sorted({r["arm"] for r in runs}, reverse=True):  # over seeds: mean and standard error
-        of = [r for r in runs if r["arm"] == loss]
-        se = lambda xs: f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) / len(xs) ** 0.5:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-        last = [r["eval_accuracy"][-1] for r in of if r["eval_steps"]]
-        print(f"{loss}, {len(of)} run{'s' if len(of) > 1 else ''}: train reward over all steps {se([r['reward_all'] for r in of])}, "
-              f"over the last 10 steps {se([r['reward_last10'] for r in of])}" + (f"; last held-out accuracy {se(last)}" if last else ""))
-
-
 def probe(args):
     """K samples for each of the first --probe training prompts with the model as it is: mean reward, the share
     of prompts with at least one full-score reply, and how many replies had a parsable answer."""
@@ -1898,86 +1771,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# The trainer's throughput on random weights of a model's shape
-QWEN3_1_7B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                  tie_word_embeddings=True, rope_theta=1000000, rms_norm_eps=1e-6)
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]  # dense bf16, data sheets
-BENCH_ITERS = 3  # timed steps, after one warm-up
-
-
-def bench_model_and_batch(args, device):
-    """--benchmark's model (random weights of --model's shape, or Qwen3-1.7B's) and rollout batch: P random
-    prompts of --max-prompt-tokens, each with K random replies of --max-new-tokens and random 0/1 scores."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if args.model == parser.get_default("model"):
-        shape = dict(QWEN3_1_7B)
-        config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-    else:
-        config = AutoConfig.from_pretrained(model_folder(args.model))
-    torch.manual_seed(args.seed)
-    model = with_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=row_attention_name()), args).to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    args.kl_coef = 0.0
-    P, K, Lp, C = args.prompts_per_step, args.group_size, args.max_prompt_tokens, args.max_new_tokens
-    gen = torch.Generator().manual_seed(args.seed)
-    prompts = [torch.randint(config.vocab_size, (Lp,), generator=gen).tolist() for _ in range(P)]
-    completions = [Completion(torch.randint(config.vocab_size, (C,), generator=gen).tolist(), [0.0] * C, True, "") for _ in range(P * K)]
-    scores = torch.randint(0, 2, (P, K), generator=gen).tolist()
-    rb = rollout_batch(prompts, completions, scores, args, device)
-    return model, config, rb
-
-
-def benchmark(args):
-    """--benchmark: tokens per second and peak memory of the trainer's phases (the p_old pass under
-    --p-old trainer, and the update) on random weights of --model's shape (Qwen3-1.7B's for the default, so
-    nothing is downloaded; a local folder's config otherwise), for P groups of one random --max-prompt-tokens
-    prompt and K random replies of --max-new-tokens, with --lora-rank and --gradient-checkpointing as given.
-    The KL term is off (--kl-coef 0): the frozen reference model's pass, one no-grad forward, is not timed.
-
-    Tokens per second count unique tokens (each prompt once, every reply token). Model FLOPs: a forward costs
-    2 N_body per position computed (N_body: the parameters outside the embedding and the output head) plus
-    2 d V per reply token for the head, the only positions it runs on; a backward costs two forwards under full
-    fine-tuning (the gradients of the activations and of the weights) and one under LoRA (the frozen weights
-    get none; the adapters' own matmuls are not counted). The recomputation of gradient checkpointing is not
-    counted (as usual for MFU), nor are attention scores. MFU is against the GPU's dense bf16 peak."""
-    device = torch.device(args.device)
-    model, config, rb = bench_model_and_batch(args, device)
-    P, K, Lp, C = args.prompts_per_step, args.group_size, args.max_prompt_tokens, args.max_new_tokens
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    computed = sum(len(rb.prompts[g]) for g, i, j, a, b in rb.rows) + len(rb.seq_of_token)
-    unique = P * Lp + P * K * C
-    n_body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    backward = 1 if args.lora_rank else 2  # in forwards: activation gradients, and weight gradients unless frozen
-    forwards = (args.p_old == "trainer") + (1 + backward) * args.epochs + (args.epochs - 1 if args.loss == "tpo" else 0)
-    flops = forwards * (2 * n_body * computed + 2 * config.hidden_size * config.vocab_size * P * K * C)
-    times = []
-    for it in range(BENCH_ITERS + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
-        lp_old = logprob_pass(model, rb, args) if args.p_old == "trainer" else rb.lp_engine
-        update(model, opt, rb._replace(lp_old=lp_old, seq_old=sequence_logp(lp_old, rb, args)), args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.time() - t0)
-        print(f"iter {it}{' (warm-up)' if it == 0 else ''}: {times[-1]:.2f}s", flush=True)
-    sec = sum(times[1:]) / BENCH_ITERS
-    result = {"params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in opt.param_groups[0]["params"]),
-              "groups": P, "K": K, "prompt_tokens": Lp, "reply_tokens": C, "tokens_unique": unique, "tokens_computed": computed,
-              "rows": len(rb.rows), "seconds_per_step": sec, "tokens_per_s": unique / sec, "model_tflops_per_s": flops / sec / 1e12,
-              "device": args.device, "dtype": args.dtype, "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing}
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS if k in name), None)
-        result.update(gpu=name, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                      mfu=None if peak is None else flops / sec / 1e12 / peak)
-    print(json.dumps(result, indent=1))
-    return result
 
 
 if __name__ == "__main__":

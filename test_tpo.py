@@ -1277,6 +1277,8 @@ import re  # noqa: E402
 import signal  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+from tools import bench_llm_update, compare_runs  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 import llm_rlvr  # noqa: E402
@@ -1858,7 +1860,7 @@ def test_a_group_is_one_row_with_its_prompt_once_unless_it_exceeds_the_row_budge
 
 @pytest.mark.parametrize("lora_rank", [0, 8])
 def test_benchmark_times_the_trainer_on_random_weights_of_a_models_shape(tiny_model, lora_rank, capsys):
-    result = llm_rlvr.main(["--benchmark", "--device", "cpu", "--dtype", "float32", "--model", tiny_model, "--lora-rank", str(lora_rank),
+    result = bench_llm_update.main(["--device", "cpu", "--dtype", "float32", "--model", tiny_model, "--lora-rank", str(lora_rank),
                             "--prompts-per-step", "2", "--group-size", "3", "--max-prompt-tokens", "8", "--max-new-tokens", "5"])
     assert result["tokens_unique"] == result["tokens_computed"] == 2 * 8 + 2 * 3 * 5 and result["rows"] == 2
     assert result["seconds_per_step"] > 0 and result["tokens_per_s"] == pytest.approx(result["tokens_unique"] / result["seconds_per_step"])
@@ -1950,7 +1952,7 @@ def test_compare_draws_several_runs_and_tabulates_them(tmp_path, capsys):
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         runs.append(str(d))
     out = tmp_path / "cmp"
-    result = llm_rlvr.main(["--compare", *runs, "--out-dir", str(out)])
+    result = compare_runs.main([*runs, "--out-dir", str(out)])
     assert [(r["loss"], r["steps"]) for r in result] == [("tpo", 22), ("grpo", 22)]
     assert result[0]["reward_first10"] == 0.0 and result[0]["reward_last10"] == 0.5 and result[1]["reward_last10"] == pytest.approx(0.1)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path}")]
@@ -1960,7 +1962,7 @@ def test_compare_draws_several_runs_and_tabulates_them(tmp_path, capsys):
     assert result[0]["train_length"][:2] == [40, 39]  # the reply-length panel's data
     assert (out / "compare.png").stat().st_size > 0 and json.loads((out / "compare.json").read_text())[1]["loss"] == "grpo"
     with pytest.raises(SystemExit) as e:
-        llm_rlvr.main(["--compare", runs[0], str(tmp_path / "cmp")])  # a folder without a log
+        compare_runs.main([runs[0], str(tmp_path / "cmp")])  # a folder without a log
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "cmp is not a run folder" in err and len(err.splitlines()) == 1
@@ -1977,16 +1979,16 @@ def test_compare_gives_each_loss_the_mean_and_standard_error_over_seeds(tmp_path
         log += [{"step": 12, "eval_accuracy": last}]
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         runs.append(str(d))
-    llm_rlvr.main(["--compare", *runs, "--out-dir", str(tmp_path / "cmp")])
+    compare_runs.main([*runs, "--out-dir", str(tmp_path / "cmp")])
     # two seeds at 0.5 and 0.3 after two steps at 0: mean 0.4, standard error std(ddof=1) / sqrt(2) = 0.1;
     # over all 12 steps 10/12 of that: 0.333 +- 0.083
     assert ("tpo, 2 runs: train reward over all steps 0.333 +- 0.083, over the last 10 steps 0.400 +- 0.100; "
             "last held-out accuracy 0.400 +- 0.100") in capsys.readouterr().out
     # the figure's mean curve: at step 3 the 5-step averages are 0.5/3 and 0.3/3, from step 7 on 0.5 and 0.3
-    steps, mean, se, n = llm_rlvr.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text()))
+    steps, mean, se, n = compare_runs.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text()))
     assert n == 2 and steps == list(range(1, 13))
     assert mean[2] == pytest.approx(0.4 / 3) and mean[-1] == pytest.approx(0.4) and se[-1] == pytest.approx(0.1)
-    assert list(llm_rlvr.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text())[:1])[2]) == [0.0] * 12
+    assert list(compare_runs.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text())[:1])[2]) == [0.0] * 12
 
 
 def test_compare_tells_apart_the_settings_that_change_a_losss_objective(tmp_path, capsys):
@@ -2001,7 +2003,7 @@ def test_compare_tells_apart_the_settings_that_change_a_losss_objective(tmp_path
         log = [{"step": i + 1, "reward_mean": 0.1, "completion_len_mean": 30, "truncated_frac": cut, **times} for i in range(3)]
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         runs.append(str(d))
-    result = llm_rlvr.main(["--compare", *runs, "--out-dir", str(tmp_path / "cmp")])
+    result = compare_runs.main([*runs, "--out-dir", str(tmp_path / "cmp")])
     assert [r["arm"] for r in result] == ["tpo (mean)", "tpo (budget)", "grpo (token)", "grpo (reply), 4 epochs"]
     out = capsys.readouterr().out
     assert all(f"{a}, 1 run: train reward" in out for a in ("tpo (mean)", "tpo (budget)", "grpo (token)", "grpo (reply), 4 epochs"))
