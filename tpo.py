@@ -10,6 +10,20 @@ TPO in three lines:
     q = softmax(log_softmax(logp_old) + u / eta)    q ∝ p_old · exp(u / eta)
     L = -sum_i q_i log softmax(logp)_i              q fixed; dL/dlogits = p - q
 
+Why a target: q is the closed-form maximiser of sum_i r_i u_i - eta KL(r || p_old)
+over the K drawn candidates, so the update asks the policy to move a bounded
+way, and its gradient p - q vanishes once it has: extra epochs on one batch
+stop by themselves, where a mean-subtracted policy gradient keeps pushing.
+A group scored all alike has q = p_old and asks for nothing, with no masking.
+
+The trap with sequences: a candidate's log-prob is the sum of its token
+log-probs (the paper's Eq. 1); over replies of tens of tokens or more those
+sums lie tens of nats apart, p_old over the group is nearly one-hot, q is
+nearly p_old, and the group teaches almost nothing. llm_rlvr.py offers the
+mean token log-prob or the sum over a fixed budget instead (--seq-logp) and
+logs the effective group size exp H(p_old) (about 1 means collapsed) and
+mean |q - p_old|.
+
 Conventions shared by every function below:
   * The group is the last dimension; any leading shape is allowed
     ([groups, K], [B, T, K], [seeds, B, K], ...).
