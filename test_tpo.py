@@ -1986,8 +1986,7 @@ def test_compare_gives_each_loss_the_mean_and_standard_error_over_seeds(tmp_path
     compare_runs.main([*runs, "--out-dir", str(tmp_path / "cmp")])
     # two seeds at 0.5 and 0.3 after two steps at 0: mean 0.4, standard error std(ddof=1) / sqrt(2) = 0.1;
     # over all 12 steps 10/12 of that: 0.333 +- 0.083
-    assert ("tpo, 2 runs: train reward over all steps 0.333 +- 0.083, over the last 10 steps 0.400 +- 0.100; "
-            "last held-out accuracy 0.400 +- 0.100") in capsys.readouterr().out
+    assert "| tpo | 2 | 0.333 ± 0.083 | 0.400 ± 0.100 | 0.400 ± 0.100 | 30 ± 0 | - | 4 ± 0 |" in capsys.readouterr().out
     # the figure's mean curve: at step 3 the 5-step averages are 0.5/3 and 0.3/3, from step 7 on 0.5 and 0.3
     steps, mean, se, n = compare_runs.mean_over_seeds(json.loads((tmp_path / "cmp" / "compare.json").read_text()))
     assert n == 2 and steps == list(range(1, 13))
@@ -2010,8 +2009,19 @@ def test_compare_tells_apart_the_settings_that_change_a_losss_objective(tmp_path
     result = compare_runs.main([*runs, "--out-dir", str(tmp_path / "cmp")])
     assert [r["arm"] for r in result] == ["tpo (mean)", "tpo (budget)", "grpo (token)", "grpo (reply), 4 epochs"]
     out = capsys.readouterr().out
-    assert all(f"{a}, 1 run: train reward" in out for a in ("tpo (mean)", "tpo (budget)", "grpo (token)", "grpo (reply), 4 epochs"))
+    arms = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| tpo (") or line.startswith("| grpo (")}
+    assert arms["tpo (mean)"] == "| tpo (mean) | 1 | 0.100 | 0.100 | - | 30 | 50% | 4 |" and len(arms) == 4, arms
     assert [line.split("|")[-2].strip() for line in out.splitlines() if line.startswith(f"| {tmp_path}")] == ["50%", "25%", "0%", "0%"]
+    # a kept log (results/llm/ keeps X.jsonl and X.config.json, not run folders) reads as its folder does
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "b_s0.jsonl").write_text((tmp_path / "b" / "log.jsonl").read_text())
+    with pytest.raises(SystemExit):
+        compare_runs.main([str(kept / "b_s0.jsonl"), "--out-dir", str(tmp_path / "cmp2")])
+    assert "b_s0.config.json" in capsys.readouterr().err
+    (kept / "b_s0.config.json").write_text((tmp_path / "b" / "config.json").read_text())
+    again = compare_runs.main([str(kept / "b_s0.jsonl"), "--out-dir", str(tmp_path / "cmp2")])
+    assert again[0]["arm"] == "tpo (budget)" and again[0]["reward_all"] == result[1]["reward_all"]
 
 
 def test_an_error_in_the_loop_saves_the_last_finished_step_first(tiny_model, tmp_path, capsys):

@@ -3,7 +3,8 @@
 
     python tools/compare_runs.py runs/sparse/chain_sum3_*/ --out-dir runs/sparse/compare
 
-A training run never needs this file; it reads each folder's log.jsonl and config.json and imports the
+A run may also be given as a kept log, X.jsonl, with its run's config.json kept beside it as X.config.json
+(how results/llm/ keeps them). A training run never needs this file; it reads each folder's log.jsonl and config.json and imports the
 trainer only for its log reader and its one-sentence errors.
 """
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llm_rlvr import fail, held_out, read_log, step_seconds  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders of finished llm_rlvr.py runs")
+parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders of finished llm_rlvr.py runs, or kept logs X.jsonl with X.config.json beside them")
 parser.add_argument("--out-dir", default=os.path.join("runs", "compare"), help="where compare.png and compare.json go")
 parser.error = lambda message: fail(f"{message} (python tools/compare_runs.py --help)")
 
@@ -26,9 +27,14 @@ parser.error = lambda message: fail(f"{message} (python tools/compare_runs.py --
 def read_run(d):
     """One finished run folder as --compare summarizes it: the curves, the first and last 10 steps' mean
     reward and reply length, and the mean reward of all steps (how soon and how far it rose, in one number)."""
-    log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
-    if not (os.path.exists(log_path) and os.path.exists(config_path)):
-        fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
+    if d.endswith(".jsonl"):
+        log_path, config_path = d, d[:-len(".jsonl")] + ".config.json"
+        if not (os.path.exists(log_path) and os.path.exists(config_path)):
+            fail(f"{d}: a kept log needs the file and its run's config beside it, {os.path.basename(config_path)}")
+    else:
+        log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
+        if not (os.path.exists(log_path) and os.path.exists(config_path)):
+            fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
     with open(config_path) as f:
         config = json.load(f)
     log = read_log(log_path)
@@ -38,7 +44,7 @@ def read_run(d):
     rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
     cut = [r["truncated_frac"] for r in train if "truncated_frac" in r]
     return {"run": d, "loss": config["loss"], "arm": arm(config), "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
-            "truncated_all": np.mean(cut) if cut else None,
+            "truncated_all": np.mean(cut) if cut else None, "truncated_last10": np.mean(cut[-10:]) if cut else None,
             "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
             "steps_with_reward": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
@@ -66,8 +72,8 @@ def compare(args):
     steps logged, the mean reward of the first and of the last 10 steps and of all steps, how many steps had
     any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
     the last evaluation (lenient and, where logged, strict), the mean seconds a step and the share of replies
-    cut off; then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward
-    and of the last held-out accuracy. A "loss" here is the loss with what else sets its objective (arm):
+    cut off; then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward,
+    the last held-out accuracy, the last 10 steps' reply length and share cut off, and the seconds a step. A "loss" here is the loss with what else sets its objective (arm):
     TPO's --seq-logp, GRPO's --grpo-mean, --epochs."""
     import matplotlib
     matplotlib.use("Agg")
@@ -124,7 +130,8 @@ def mean_over_seeds(runs):
 
 
 def print_compare_table(runs):
-    """--compare's Markdown table, one row per run, then one line per loss: mean +- standard error over its seeds."""
+    """--compare's Markdown tables: one row per run, then one row per arm (a loss with what else sets its
+    objective), each figure its mean ± standard error over the arm's runs (seeds)."""
     print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 (all steps) | steps with a reward | "
           "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step | cut off, all steps |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -135,13 +142,27 @@ def print_compare_table(runs):
         print(f"| {r['run']} | {r['arm']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
               f"({r['reward_all']:.3f}) | {r['steps_with_reward']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
               f"| {r['seconds_per_step']:.0f} | {cut} |")
-    for loss in sorted({r["arm"] for r in runs}, reverse=True):  # over seeds: mean and standard error
+    print()
+    print("| arm | runs | train reward, all steps | train reward, last 10 steps | held-out accuracy, last evaluation | "
+          "reply tokens, last 10 steps | cut off, last 10 steps | s per step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for loss in sorted({r["arm"] for r in runs}, reverse=True):  # over its seeds: mean +- standard error
         of = [r for r in runs if r["arm"] == loss]
-        se = lambda xs: f"{np.mean(xs):.3f} +- {np.std(xs, ddof=1) / len(xs) ** 0.5:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
         last = [r["eval_accuracy"][-1] for r in of if r["eval_steps"]]
-        print(f"{loss}, {len(of)} run{'s' if len(of) > 1 else ''}: train reward over all steps {se([r['reward_all'] for r in of])}, "
-              f"over the last 10 steps {se([r['reward_last10'] for r in of])}" + (f"; last held-out accuracy {se(last)}" if last else ""))
+        cut = [r["truncated_last10"] for r in of if r.get("truncated_last10") is not None]
+        cells = [mean_se([r["reward_all"] for r in of]), mean_se([r["reward_last10"] for r in of]), mean_se(last),
+                 mean_se([r["length_last10"] for r in of], "{:.0f}"), mean_se([100 * c for c in cut], "{:.0f}%"),
+                 mean_se([r["seconds_per_step"] for r in of], "{:.0f}")]
+        print(f"| {loss} | {len(of)} | " + " | ".join(cells) + " |")
 
+
+def mean_se(xs, fmt="{:.3f}"):
+    """"mean ± standard error" (std(ddof=1) / sqrt(n)) of one arm's runs; the value alone for one run, "-" for none."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs, ddof=1) / len(xs) ** 0.5)}".replace("% ±", " ±")
 
 def main(argv=None):
     return compare(parser.parse_args(argv))
