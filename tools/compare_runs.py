@@ -4,8 +4,8 @@
     python tools/compare_runs.py runs/sparse/chain_sum3_*/ --out-dir runs/sparse/compare
 
 A run may also be given as a kept log, X.jsonl, with its run's config.json kept beside it as X.config.json
-(how results/llm/ keeps them). A training run never needs this file; it reads each folder's log.jsonl and config.json and imports the
-trainer only for its log reader and its one-sentence errors.
+(how results/llm/ keeps them). A training run never needs this file; it reads each folder's log.jsonl and
+config.json and imports the trainer only for its log reader and its one-sentence errors.
 """
 
 import argparse
@@ -27,14 +27,11 @@ parser.error = lambda message: fail(f"{message} (python tools/compare_runs.py --
 def read_run(d):
     """One finished run folder as --compare summarizes it: the curves, the first and last 10 steps' mean
     reward and reply length, and the mean reward of all steps (how soon and how far it rose, in one number)."""
-    if d.endswith(".jsonl"):
-        log_path, config_path = d, d[:-len(".jsonl")] + ".config.json"
-        if not (os.path.exists(log_path) and os.path.exists(config_path)):
-            fail(f"{d}: a kept log needs the file and its run's config beside it, {os.path.basename(config_path)}")
-    else:
-        log_path, config_path = os.path.join(d, "log.jsonl"), os.path.join(d, "config.json")
-        if not (os.path.exists(log_path) and os.path.exists(config_path)):
-            fail(f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
+    kept = d.endswith(".jsonl")  # a kept log: X.jsonl with X.config.json beside it
+    log_path, config_path = (d, d[:-len(".jsonl")] + ".config.json") if kept else (os.path.join(d, "log.jsonl"), os.path.join(d, "config.json"))
+    if not (os.path.exists(log_path) and os.path.exists(config_path)):
+        fail(f"{d}: a kept log needs the file and its run's config beside it, {os.path.basename(config_path)}" if kept
+             else f"{d} is not a run folder of this script (it needs log.jsonl and config.json)")
     with open(config_path) as f:
         config = json.load(f)
     log = read_log(log_path)
@@ -73,8 +70,9 @@ def compare(args):
     any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
     the last evaluation (lenient and, where logged, strict), the mean seconds a step and the share of replies
     cut off; then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward,
-    the last held-out accuracy, the last 10 steps' reply length and share cut off, and the seconds a step. A "loss" here is the loss with what else sets its objective (arm):
-    TPO's --seq-logp, GRPO's --grpo-mean, --epochs."""
+    the last held-out accuracy, the last 10 steps' reply length and share cut off, and the seconds a step.
+    A "loss" here is the loss with what else sets its objective (arm): TPO's --seq-logp, GRPO's
+    --grpo-mean, --epochs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,6 +161,7 @@ def mean_se(xs, fmt="{:.3f}"):
     if len(xs) == 1:
         return fmt.format(xs[0])
     return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs, ddof=1) / len(xs) ** 0.5)}".replace("% ±", " ±")
+
 
 def main(argv=None):
     return compare(parser.parse_args(argv))
