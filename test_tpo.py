@@ -2004,6 +2004,9 @@ def test_compare_tells_apart_the_settings_that_change_a_losss_objective(tmp_path
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**config, "seed": 0, "task": "chain_sum"}))
         log = [{"step": i + 1, "reward_mean": 0.1, "completion_len_mean": 30, "truncated_frac": cut, **times} for i in range(3)]
+        if name == "b":  # the replies that scored against those that did not: a mean over the steps that had any
+            for r, rewarded in zip(log, (None, 20, 30)):
+                r.update(len_rewarded=rewarded, len_unrewarded=50)
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         runs.append(str(d))
     result = compare_runs.main([*runs, "--out-dir", str(tmp_path / "cmp")])
@@ -2011,7 +2014,8 @@ def test_compare_tells_apart_the_settings_that_change_a_losss_objective(tmp_path
     out = capsys.readouterr().out
     arms = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| tpo (") or line.startswith("| grpo (")}
     assert arms["tpo (mean)"] == "| tpo (mean) | 1 | 0.100 | 0.100 | - | 30 | 50% | 4 |" and len(arms) == 4, arms
-    assert [line.split("|")[-2].strip() for line in out.splitlines() if line.startswith(f"| {tmp_path}")] == ["50%", "25%", "0%", "0%"]
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert [(row[-3].strip(), row[-2].strip()) for row in rows] == [("50%", "- / -"), ("25%", "25 / 50"), ("0%", "- / -"), ("0%", "- / -")]
     # a kept log (results/llm/ keeps X.jsonl and X.config.json, not run folders) reads as its folder does
     kept = tmp_path / "kept"
     kept.mkdir()

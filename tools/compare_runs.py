@@ -40,11 +40,14 @@ def read_run(d):
         fail(f"{d} has no finished step")
     rewards, lengths = [r["reward_mean"] for r in train], [r["completion_len_mean"] for r in train]
     cut = [r["truncated_frac"] for r in train if "truncated_frac" in r]
+    # the reply length of the replies that scored and of those that did not, a mean over the steps that had any
+    by_reward = {k: [r[f"len_{k}"] for r in train if r.get(f"len_{k}") is not None] for k in ("rewarded", "unrewarded")}
     return {"run": d, "loss": config["loss"], "arm": arm(config), "seed": config["seed"], "steps": train[-1]["step"], "task": config["task"],
             "truncated_all": np.mean(cut) if cut else None, "truncated_last10": np.mean(cut[-10:]) if cut else None,
             "reward_first10": np.mean(rewards[:10]), "reward_last10": np.mean(rewards[-10:]), "reward_all": np.mean(rewards),
             "steps_with_reward": sum(x > 0 for x in rewards),  # where rewards are sparse, how often a group had a signal
             "length_first10": np.mean(lengths[:10]), "length_last10": np.mean(lengths[-10:]),
+            **{f"length_{k}": np.mean(xs) if xs else None for k, xs in by_reward.items()},
             "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals],
             "eval_accuracy_strict": [r.get("eval_accuracy_strict") for r in evals],  # None: logged before strict was
             "train_steps": [r["step"] for r in train], "train_reward": rewards, "train_length": lengths,
@@ -68,8 +71,9 @@ def compare(args):
     --max-new-tokens has no answer, so a drift in length moves the reward). The table gives, per run, the
     steps logged, the mean reward of the first and of the last 10 steps and of all steps, how many steps had
     any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
-    the last evaluation (lenient and, where logged, strict), the mean seconds a step and the share of replies
-    cut off; then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward,
+    the last evaluation (lenient and, where logged, strict), the mean seconds a step, the share of replies
+    cut off and the mean length of the replies that scored and of those that did not (over the steps that
+    had such replies; "-" in logs from before it was logged); then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward,
     the last held-out accuracy, the last 10 steps' reply length and share cut off, and the seconds a step.
     A "loss" here is the loss with what else sets its objective (arm): TPO's --seq-logp, GRPO's
     --grpo-mean, --epochs."""
@@ -104,13 +108,23 @@ def compare(args):
     fig.tight_layout()
     out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
+    save_small_png(fig, os.path.join(out_dir, "compare.png"))
     plt.close(fig)
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(runs, f, indent=1, default=float)
     print_compare_table(runs)
     print(f"wrote {out_dir}/compare.png and {out_dir}/compare.json")
     return runs
+
+
+def save_small_png(fig, path):
+    """The figure as a 256-colour PNG: a dozen runs' faint per-step lines give it hundreds of thousands of
+    colours, three times the bytes for no difference a reader can see."""
+    import io
+    from PIL import Image  # matplotlib's own dependency
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def moving_average(xs, w=5):
@@ -131,15 +145,17 @@ def print_compare_table(runs):
     """--compare's Markdown tables: one row per run, then one row per arm (a loss with what else sets its
     objective), each figure its mean ± standard error over the arm's runs (seeds)."""
     print("| run | loss | seed | steps | train reward, steps 1-10 -> last 10 (all steps) | steps with a reward | "
-          "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step | cut off, all steps |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "reply tokens, steps 1-10 -> last 10 | held-out accuracy (strict), first -> last | s per step | cut off, all steps | "
+          "reply tokens, rewarded / not |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
         held = " -> ".join(f"{held_out(r['eval_accuracy'][j], r['eval_accuracy_strict'][j])} (step {r['eval_steps'][j]})"
                            for j in (0, -1)) if r["eval_steps"] else "not evaluated"
         cut = "-" if r.get("truncated_all") is None else f"{r['truncated_all']:.0%}"
+        by_reward = " / ".join("-" if r.get(k) is None else f"{r[k]:.0f}" for k in ("length_rewarded", "length_unrewarded"))
         print(f"| {r['run']} | {r['arm']} | {r['seed']} | {r['steps']} | {r['reward_first10']:.3f} -> {r['reward_last10']:.3f} "
               f"({r['reward_all']:.3f}) | {r['steps_with_reward']} | {r['length_first10']:.0f} -> {r['length_last10']:.0f} | {held} "
-              f"| {r['seconds_per_step']:.0f} | {cut} |")
+              f"| {r['seconds_per_step']:.0f} | {cut} | {by_reward} |")
     print()
     print("| arm | runs | train reward, all steps | train reward, last 10 steps | held-out accuracy, last evaluation | "
           "reply tokens, last 10 steps | cut off, last 10 steps | s per step |")
