@@ -73,8 +73,9 @@ def compare(args):
     any reward, the mean reply length of the first and last 10 steps, the held-out accuracy at the first and
     the last evaluation (lenient and, where logged, strict), the mean seconds a step, the share of replies
     cut off and the mean length of the replies that scored and of those that did not (over the steps that
-    had such replies; "-" in logs from before it was logged); then, per loss over its seeds, the mean and standard error of the all-steps and last-10 reward,
-    the last held-out accuracy, the last 10 steps' reply length and share cut off, and the seconds a step.
+    had such replies; "-" in logs from before it was logged); then, per loss over its seeds, the mean and
+    standard error of the all-steps and last-10 reward, the last held-out accuracy, the last 10 steps' reply
+    length and share cut off, and the seconds a step.
     A "loss" here is the loss with what else sets its objective (arm): TPO's --seq-logp, GRPO's
     --grpo-mean, --epochs."""
     import matplotlib
